@@ -1,0 +1,41 @@
+"""Developer sessions: tests, lint, typecheck, bench.
+
+``python3 dev.py test`` is the one-command way to run the tests on a fresh machine;
+these sessions are for day-to-day work and CI.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite against real Postgres (and Redis where reachable)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "polyqueue", "tests", "benchmarks", "noxfile.py", "dev.py")
+    session.run("ruff", "format", "--check", "polyqueue", "tests", "benchmarks", "noxfile.py", "dev.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "-p", "polyqueue")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: enqueue rate, end-to-end throughput, pickup latency percentiles."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -1,0 +1,106 @@
+"""The broker contract (DESIGN.md §4): what every delivery adapter implements.
+
+A broker carries only deliveries — a job id and its queue (claim check). Postgres
+holds the job. Adapters import only this module, ``polyqueue.types``,
+``polyqueue.errors`` and their SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Broker", "Capabilities", "Delivery", "Message", "decode_message", "encode_message"]
+
+#: A message body larger than this is malformed by definition (ours are ~70 bytes).
+MAX_MESSAGE_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What the relay publishes for one job."""
+
+    job_id: uuid.UUID
+    queue: str
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One received message. ``job_id`` is None when the body was malformed (see ``error``)."""
+
+    job_id: uuid.UUID | None
+    queue: str
+    handle: Any = None  # the adapter's receipt: stream entry id, receipt handle, lock token...
+    delivery_count: int = 1
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an adapter can do; tests skip by capability, never by adapter name."""
+
+    lease: bool = True  # deliveries not acked within a lease are redelivered
+    delayed_release: bool = True  # release(delay>0) holds the message back
+    survives_restart: bool = True  # messages outlive the process
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """An async delivery transport. All methods raise ``BrokerError`` subclasses on failure."""
+
+    name: str
+    capabilities: Capabilities
+
+    async def ensure(self, queues: Sequence[str]) -> None:
+        """Create the queues where the broker allows it (idempotent)."""
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Publish a batch. Either every message is published or ``BrokerError`` is raised."""
+
+    async def receive(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting at most ``wait`` seconds for the first."""
+
+    async def extend(self, delivery: Delivery, seconds: float) -> None:
+        """Keep ``delivery`` leased for ``seconds`` more; ``LeaseLostError`` if it is no longer ours."""
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Remove the delivery for good."""
+
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
+        """Give the delivery back, to be redelivered after ``delay`` seconds."""
+
+    async def close(self) -> None:
+        """Release connections; a receive in progress returns."""
+
+
+def encode_message(message: Message) -> bytes:
+    """The wire form of a message: a tiny JSON object."""
+    return json.dumps({"id": str(message.job_id), "queue": message.queue}, separators=(",", ":")).encode()
+
+
+def decode_message(body: bytes | str, *, queue: str, handle: Any = None, delivery_count: int = 1) -> Delivery:
+    """Parse a message body; a malformed one yields a ``Delivery`` with ``job_id=None`` and ``error`` set."""
+
+    def bad(reason: str) -> Delivery:
+        return Delivery(None, queue, handle, delivery_count, error=reason)
+
+    if len(body) > MAX_MESSAGE_BYTES:
+        return bad(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return bad(f"not JSON: {exc}")
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+        return bad("JSON without a string 'id'")
+    try:
+        job_id = uuid.UUID(data["id"])
+    except ValueError:
+        return bad(f"'id' is not a UUID: {data['id'][:64]!r}")
+    msg_queue = data.get("queue", queue)
+    if msg_queue != queue:
+        return bad(f"message for queue {msg_queue!r} arrived on {queue!r}")
+    return Delivery(job_id, queue, handle, delivery_count)

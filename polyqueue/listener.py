@@ -1,0 +1,113 @@
+"""One LISTEN connection per process, fanning notifications out to callbacks.
+
+NOTIFY only shortens waits: every loop that listens also polls, because a
+connection can drop (and pgbouncer in transaction mode never delivers LISTEN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = ["Listener"]
+
+log = logging.getLogger("polyqueue.listener")
+
+Callback = Callable[[str], None]
+
+
+class Listener:
+    """Subscribe callbacks to Postgres channels over one dedicated connection."""
+
+    def __init__(self, engine: AsyncEngine, *, reconnect_interval: float = 1.0) -> None:
+        self._engine = engine
+        self._callbacks: dict[str, list[Callback]] = defaultdict(list)
+        self._conn: AsyncConnection | None = None
+        self._raw: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._reconnect_interval = reconnect_interval
+        self.connected = asyncio.Event()
+
+    def subscribe(self, channel: str, callback: Callback) -> None:
+        """Call ``callback(payload)`` on every notification of ``channel`` (from the next connect on)."""
+        self._callbacks[channel].append(callback)
+        if self._raw is not None and not self._raw.is_closed():
+            task = asyncio.get_running_loop().create_task(self._raw.add_listener(channel, self._dispatch))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    def unsubscribe(self, channel: str, callback: Callback) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks[channel].remove(callback)
+
+    def _dispatch(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        for cb in list(self._callbacks.get(channel, ())):
+            try:
+                cb(payload)
+            except Exception:  # a broken subscriber must not break the others
+                log.exception("notification callback for %s failed", channel)
+
+    async def start(self) -> None:
+        """Connect and keep the connection up in the background."""
+        await self._connect()
+        self._task = asyncio.create_task(self._watch(), name="polyqueue-listener")
+
+    async def _connect(self) -> None:
+        conn = await self._engine.connect()
+        try:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            for channel in list(self._callbacks):
+                await driver.add_listener(channel, self._dispatch)
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn, self._raw = conn, driver
+        self.connected.set()
+        # Anything notified while we were away is found by the subscribers' polling.
+        for cbs in list(self._callbacks.values()):
+            for cb in cbs:
+                with contextlib.suppress(Exception):
+                    cb("")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._reconnect_interval)
+            if self._raw is not None and not self._raw.is_closed():
+                continue
+            self.connected.clear()
+            await self._drop()
+            try:
+                await self._connect()
+                log.info("LISTEN connection re-established")
+            except Exception as exc:
+                log.warning("LISTEN connection lost, retrying: %s", exc)
+
+    async def _drop(self) -> None:
+        conn, self._conn, self._raw = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._raw is not None and not self._raw.is_closed():
+            for channel in list(self._callbacks):
+                with contextlib.suppress(Exception):
+                    await self._raw.remove_listener(channel, self._dispatch)
+        conn, self._conn, self._raw = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()

@@ -1,0 +1,103 @@
+"""The maintenance loop: one leader at a time (a session advisory lock), each pass
+running the services' ``run_once`` — rescue, re-dispatch, prune."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from polyqueue._aio import wait_any
+from polyqueue.queries import job_prune, job_redispatch_stale, job_rescue
+from polyqueue.settings import Settings
+
+__all__ = ["LEADER_LOCK_KEY", "Maintenance", "MaintenanceResult"]
+
+log = logging.getLogger("polyqueue.maintenance")
+
+#: pg advisory lock key of the maintenance leader ("polyqueu" in ASCII).
+LEADER_LOCK_KEY = 0x706F6C7971756575
+
+
+@dataclass
+class MaintenanceResult:
+    """What one pass did."""
+
+    rescued: list[tuple[str, str]] = field(default_factory=list)  # (job id, new status)
+    redispatched: int = 0
+    pruned: int = 0
+
+
+class Maintenance:
+    """Runs maintenance passes while this process holds the leader lock."""
+
+    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._leader_conn: AsyncConnection | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader_conn is not None
+
+    async def run_once(self) -> MaintenanceResult:
+        """One pass, leader or not (tests and ``polyqueue admin`` call it directly)."""
+        s = self.settings
+        result = MaintenanceResult()
+        async with self.engine.begin() as conn:
+            rescued = await job_rescue(conn, dead_after=s.worker_dead_after, timeout_grace=s.timeout_grace)
+        result.rescued = [(str(i), st) for i, st in rescued]
+        for job_id, status in rescued:
+            log.warning("rescued job %s → %s", job_id, status)
+        async with self.engine.begin() as conn:
+            result.redispatched = await job_redispatch_stale(conn, older_than=s.redispatch_after)
+        if result.redispatched:
+            log.warning("re-dispatched %d jobs enqueued longer than %.0fs", result.redispatched, s.redispatch_after)
+        async with self.engine.begin() as conn:
+            result.pruned = await job_prune(conn, older_than=s.retention_seconds)
+        return result
+
+    async def _try_lead(self) -> bool:
+        if self._leader_conn is not None:
+            if not self._leader_conn.closed and not self._leader_conn.invalidated:
+                return True
+            await self._resign()
+        conn = await self.engine.connect()
+        try:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            got = await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY})
+        except BaseException:
+            await conn.close()
+            raise
+        if got:
+            self._leader_conn = conn
+            log.info("this process now leads maintenance")
+            return True
+        await conn.close()
+        return False
+
+    async def _resign(self) -> None:
+        conn, self._leader_conn = self._leader_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_KEY})
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Every ``maintenance_interval``: if leader (or once leadership is won), run a pass."""
+        try:
+            while not stopping.is_set():
+                try:
+                    if await self._try_lead():
+                        await self.run_once()
+                except Exception as exc:
+                    log.warning("maintenance pass failed: %s", exc)
+                    await self._resign()
+                await wait_any(stopping, seconds=self.settings.maintenance_interval)
+        finally:
+            await self._resign()

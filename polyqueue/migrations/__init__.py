@@ -1,0 +1,175 @@
+"""polyqueue's schema migrations: Alembic revisions shipped inside the package.
+
+Two ways to apply them (docs/migrations.md):
+
+* **Inside your own Alembic history.** Add :data:`VERSION_LOCATION` to your
+  ``version_locations``, pass ``polyqueue.models.metadata`` in your
+  ``target_metadata`` list, and run ``alembic upgrade heads``. The revisions are
+  their own branch (label ``polyqueue``, a separate base), so
+  ``alembic downgrade polyqueue@base`` removes only polyqueue's tables.
+* **Standalone** (``polyqueue db upgrade|downgrade|current``): the functions
+  below. They run Alembic with this package's own ``env.py`` and record the
+  revision in ``polyqueue_alembic_version``, never in your ``alembic_version``.
+
+Everything here works on an async (asyncpg) engine: Alembic's synchronous API
+runs inside ``AsyncConnection.run_sync``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from alembic import command
+from polyqueue.db import make_engine
+from polyqueue.errors import ConfigurationError
+
+__all__ = [
+    "BRANCH_LABEL",
+    "VERSION_LOCATION",
+    "VERSION_TABLE",
+    "current",
+    "downgrade",
+    "upgrade",
+    "upgrade_sql",
+]
+
+_HERE = Path(__file__).resolve().parent
+
+#: Absolute path of the folder holding polyqueue's revision files; add it to your
+#: Alembic ``version_locations``.
+VERSION_LOCATION: str = str(_HERE / "versions")
+#: The version table of the standalone path (your own ``alembic_version`` is never touched).
+VERSION_TABLE = "polyqueue_alembic_version"
+#: The branch label of polyqueue's revisions: ``alembic downgrade polyqueue@base``.
+BRANCH_LABEL = "polyqueue"
+
+# The tables whose presence without a standalone version row means another tool
+# (the user's Alembic history, or ``metadata.create_all``) manages the schema.
+_TABLES = ("polyqueue_jobs", "polyqueue_workers")
+# Serialises concurrent upgrades (several workers starting at once): the second
+# waits, then finds the schema at head and does nothing.
+_LOCK_SQL = text("SELECT pg_advisory_xact_lock(hashtext('polyqueue.migrations'))")
+
+Target = AsyncEngine | AsyncConnection | str | URL
+
+
+def _config(connection: Connection | None = None, output: io.StringIO | None = None) -> Config:
+    """An in-memory Alembic config pointing at this package's environment."""
+    cfg = Config(output_buffer=output)
+    # configparser interpolation: a literal '%' in the install path must be doubled.
+    cfg.set_main_option("script_location", str(_HERE).replace("%", "%%"))
+    # No version_locations: Alembic's default, <script_location>/versions, is ours.
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@asynccontextmanager
+async def _connection(target: Target) -> AsyncIterator[AsyncConnection]:
+    """A connection in a transaction that commits on success.
+
+    An ``AsyncConnection`` given by the caller is used as is: the work joins the
+    caller's transaction and the caller commits.
+    """
+    if isinstance(target, AsyncConnection):
+        yield target
+        return
+    engine = target if isinstance(target, AsyncEngine) else make_engine(target, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            yield conn
+    finally:
+        if engine is not target:
+            await engine.dispose()
+
+
+def _standalone_heads(connection: Connection) -> list[str]:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return sorted(context.get_current_heads())
+
+
+def _check_owner(connection: Connection) -> None:
+    """Refuse to manage tables that the standalone path did not create.
+
+    Without this, ``polyqueue db upgrade`` on a database migrated through the
+    user's Alembic history would fail half-way with "relation already exists".
+    """
+    if _standalone_heads(connection):
+        return
+    existing = sorted(set(_TABLES) & set(inspect(connection).get_table_names()))
+    if existing:
+        raise ConfigurationError(
+            f"{', '.join(existing)} exist but {VERSION_TABLE} records no polyqueue revision: the schema "
+            "is managed elsewhere (your own Alembic history: use `alembic upgrade heads` and "
+            "`alembic downgrade polyqueue@base`; or metadata.create_all)"
+        )
+
+
+def _upgrade_sync(connection: Connection, revision: str) -> None:
+    connection.execute(_LOCK_SQL)
+    _check_owner(connection)
+    command.upgrade(_config(connection), revision)
+
+
+def _downgrade_sync(connection: Connection, revision: str) -> None:
+    connection.execute(_LOCK_SQL)
+    _check_owner(connection)
+    command.downgrade(_config(connection), revision)
+    if not _standalone_heads(connection):
+        # At base nothing of polyqueue's should remain, its bookkeeping included.
+        connection.execute(text(f'DROP TABLE IF EXISTS "{VERSION_TABLE}"'))
+
+
+async def upgrade(target: Target, revision: str = "heads") -> None:
+    """Upgrade polyqueue's tables to ``revision`` (default: the newest), standalone.
+
+    ``target`` is an ``AsyncEngine``, a database URL (any ``postgresql`` driver;
+    asyncpg is used), or an ``AsyncConnection`` whose transaction the caller
+    commits. Idempotent, and safe to run from several processes at once.
+
+    Raises ``ConfigurationError`` when polyqueue's tables exist but were not
+    created by this path (for instance by your own Alembic history).
+    """
+    async with _connection(target) as conn:
+        await conn.run_sync(_upgrade_sync, revision)
+
+
+async def downgrade(target: Target, revision: str = "base") -> None:
+    """Downgrade polyqueue's tables to ``revision``, standalone.
+
+    The default, ``"base"``, drops polyqueue's tables and its version table and
+    touches nothing else in the database.
+    """
+    async with _connection(target) as conn:
+        await conn.run_sync(_downgrade_sync, revision)
+
+
+async def current(target: Target) -> list[str]:
+    """The polyqueue revision(s) the standalone path has applied; ``[]`` if none.
+
+    Reads ``polyqueue_alembic_version`` only: when polyqueue's revisions run inside
+    your own Alembic history, ask ``alembic current`` instead.
+    """
+    async with _connection(target) as conn:
+        return await conn.run_sync(_standalone_heads)
+
+
+def upgrade_sql(revision: str = "heads") -> str:
+    """The upgrade as SQL text (Alembic offline mode), for teams that review DDL.
+
+    ``revision`` is a target (from an empty database) or a ``"start:end"`` range,
+    e.g. ``"<current>:heads"``. The script also creates and fills
+    ``polyqueue_alembic_version``, so the standalone commands keep working after it.
+    """
+    output = io.StringIO()
+    command.upgrade(_config(output=output), revision, sql=True)
+    return output.getvalue()

@@ -1,0 +1,378 @@
+"""Every SQL statement of the hot paths, noun-first names.
+
+Runtime code (worker, relay, maintenance) talks to Postgres only through these
+functions. Each takes an ``AsyncConnection`` (or session) and runs one statement;
+the caller owns the transaction. Guards live in the WHERE clauses: a worker only
+finishes an attempt it still owns (DESIGN.md §1.3), and a rescuer re-checks state
+in the same statement that changes it (DESIGN.md §6).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+__all__ = [
+    "DONE_CHANNEL",
+    "NEW_JOB_CHANNEL",
+    "ClaimedJob",
+    "Outcome",
+    "job_claim_by_ids",
+    "job_claim_pending",
+    "job_complete_many",
+    "job_hand_back",
+    "job_mark_enqueued",
+    "job_progress",
+    "job_prune",
+    "job_redispatch_stale",
+    "job_rescue",
+    "job_take_for_dispatch",
+    "worker_heartbeat",
+    "worker_register",
+    "worker_stop",
+]
+
+NEW_JOB_CHANNEL = "polyqueue_new"  # payload: queue name
+DONE_CHANNEL = "polyqueue_done"  # payload: comma-separated ids of jobs that reached a terminal state
+
+Executor = AsyncConnection | AsyncSession
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job this worker now owns for one attempt."""
+
+    id: uuid.UUID
+    task: str
+    queue: str
+    payload: Any
+    attempt: int
+    max_attempts: int
+    max_run_seconds: float | None
+    timeout_strategy: str
+    meta: dict[str, Any]
+    created_at: dt.datetime
+    run_at: dt.datetime
+    started_at: dt.datetime
+    worker_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended: ``succeeded``, ``failed``, or ``pending`` (retry after ``delay``)."""
+
+    job_id: uuid.UUID
+    attempt: int
+    worker_id: uuid.UUID
+    status: str
+    result_json: str | None = None
+    error_json: str | None = None
+    delay: float = 0.0
+
+
+_CLAIM_SET = """
+    status = 'running', attempt = j.attempt + 1, worker_id = :worker,
+    started_at = now(), progress_heartbeat_at = now(), finished_at = NULL,
+    timeout_at = CASE WHEN j.max_run_seconds IS NULL OR j.timeout_strategy = 'ignore' THEN NULL
+                      ELSE now() + j.max_run_seconds * interval '1 second' END
+"""
+_CLAIM_RETURNING = """
+    RETURNING j.id, j.task, j.queue, j.payload, j.attempt, j.max_attempts, j.max_run_seconds,
+              j.timeout_strategy, j.meta, j.created_at, j.run_at, j.started_at, j.worker_id
+"""
+
+_CLAIM_PENDING = text(  # constants joined, values bound
+    f"""
+    WITH c AS (
+        SELECT id FROM polyqueue_jobs
+        WHERE status = 'pending' AND queue = ANY(CAST(:queues AS text[])) AND run_at <= now()
+        ORDER BY priority, run_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE polyqueue_jobs j SET {_CLAIM_SET}
+    FROM c WHERE j.id = c.id
+    {_CLAIM_RETURNING}
+    """  # noqa: S608
+)
+
+# A broker delivery names a job; it becomes an attempt only if the job is still
+# dispatchable. 'pending' is accepted too (the relay may have crashed between
+# publish and mark) but only once its run_at has come.
+_CLAIM_BY_IDS = text(  # constants joined, values bound
+    f"""
+    UPDATE polyqueue_jobs j SET {_CLAIM_SET}
+    WHERE j.id = ANY(CAST(:ids AS uuid[]))
+      AND (j.status = 'enqueued' OR (j.status = 'pending' AND j.run_at <= now()))
+    {_CLAIM_RETURNING}
+    """  # noqa: S608
+)
+
+
+def _claimed(rows: Sequence[Any]) -> list[ClaimedJob]:
+    return [ClaimedJob(*row) for row in rows]
+
+
+async def job_claim_pending(
+    conn: Executor, worker_id: uuid.UUID, queues: Sequence[str], limit: int
+) -> list[ClaimedJob]:
+    """Claim up to ``limit`` due pending jobs of ``queues`` (priority, then run_at)."""
+    result = await conn.execute(_CLAIM_PENDING, {"worker": worker_id, "queues": list(queues), "limit": limit})
+    return _claimed(result.all())
+
+
+async def job_claim_by_ids(conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[ClaimedJob]:
+    """Claim the delivered jobs that are still dispatchable; the rest are stale deliveries."""
+    result = await conn.execute(_CLAIM_BY_IDS, {"worker": worker_id, "ids": list(ids)})
+    return _claimed(result.all())
+
+
+_COMPLETE_MANY = text(
+    """
+    WITH v AS (
+        SELECT * FROM unnest(
+            CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:statuses AS text[]),
+            CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:delays AS float8[]),
+            CAST(:workers AS uuid[])
+        ) AS v(id, attempt, status, result, error, delay, worker)
+    ), upd AS (
+        UPDATE polyqueue_jobs j SET
+            status = v.status,
+            result = CASE WHEN v.status = 'succeeded' THEN v.result::jsonb ELSE j.result END,
+            errors = CASE WHEN v.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(v.error::jsonb) END,
+            finished_at = CASE WHEN v.status = 'pending' THEN NULL ELSE now() END,
+            run_at = CASE WHEN v.status = 'pending' THEN now() + v.delay * interval '1 second' ELSE j.run_at END,
+            worker_id = CASE WHEN v.status = 'pending' THEN NULL ELSE j.worker_id END,
+            timeout_at = NULL
+        FROM v
+        WHERE j.id = v.id AND j.attempt = v.attempt AND j.worker_id = v.worker AND j.status = 'running'
+        RETURNING j.id, j.status, j.queue
+    )
+    SELECT coalesce(array_agg(id), '{}'),
+           CASE WHEN count(*) FILTER (WHERE status <> 'pending') > 0 THEN
+               pg_notify('polyqueue_done', string_agg(id::text, ',') FILTER (WHERE status <> 'pending'))
+           END,
+           CASE WHEN count(*) FILTER (WHERE status = 'pending') > 0 THEN
+               pg_notify('polyqueue_new', min(queue) FILTER (WHERE status = 'pending'))
+           END
+    FROM upd
+    """
+)
+
+
+async def job_complete_many(conn: Executor, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
+    """Persist outcomes of attempts their workers still own; returns the ids actually written.
+
+    An outcome whose job was reaped, re-claimed or cancelled meanwhile changes nothing.
+    """
+    if not outcomes:
+        return set()
+    params = {
+        "workers": [o.worker_id for o in outcomes],
+        "ids": [o.job_id for o in outcomes],
+        "attempts": [o.attempt for o in outcomes],
+        "statuses": [o.status for o in outcomes],
+        "results": [o.result_json for o in outcomes],
+        "errors": [o.error_json for o in outcomes],
+        "delays": [o.delay for o in outcomes],
+    }
+    written = (await conn.execute(_COMPLETE_MANY, params)).scalar_one()
+    return set(written)
+
+
+_HAND_BACK = text(
+    """
+    WITH upd AS (
+        UPDATE polyqueue_jobs SET status = 'pending', attempt = attempt - 1, worker_id = NULL,
+            started_at = NULL, timeout_at = NULL, run_at = now()
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND worker_id = :worker AND status = 'running'
+        RETURNING id, queue
+    )
+    SELECT array_agg(id), pg_notify('polyqueue_new', min(queue)) FROM upd
+    """
+)
+
+
+async def job_hand_back(conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> int:
+    """Return running jobs to ``pending`` at once, without counting the attempt (shutdown)."""
+    if not ids:
+        return 0
+    written = (await conn.execute(_HAND_BACK, {"worker": worker_id, "ids": list(ids)})).scalar_one()
+    return len(written or [])
+
+
+async def job_progress(conn: Executor, worker_id: uuid.UUID, job_id: uuid.UUID, attempt: int) -> bool:
+    """Record progress of an attempt; False when the worker no longer owns it."""
+    result = await conn.execute(
+        text(
+            "UPDATE polyqueue_jobs SET progress_heartbeat_at = now() "
+            "WHERE id = :id AND attempt = :attempt AND worker_id = :worker AND status = 'running'"
+        ),
+        {"id": job_id, "attempt": attempt, "worker": worker_id},
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+_RESCUE = text(
+    """
+    WITH dead AS (
+        UPDATE polyqueue_workers SET status = 'dead'
+        WHERE status = 'running' AND heartbeat_at < now() - :dead_after * interval '1 second'
+        RETURNING id
+    ), victims AS (
+        SELECT j.id, j.attempt, j.worker_id,
+               (j.timeout_at IS NOT NULL AND j.timeout_at < now() - :grace * interval '1 second') AS timed_out
+        FROM polyqueue_jobs j
+        WHERE j.status = 'running' AND (
+            (j.timeout_at IS NOT NULL AND j.timeout_at < now() - :grace * interval '1 second')
+            OR j.worker_id IN (SELECT id FROM dead)
+            OR NOT EXISTS (SELECT 1 FROM polyqueue_workers w WHERE w.id = j.worker_id AND w.status = 'running')
+        )
+        FOR UPDATE OF j SKIP LOCKED
+    ), upd AS (
+        UPDATE polyqueue_jobs j SET
+            status = CASE WHEN j.attempt < j.max_attempts
+                           AND NOT (v.timed_out AND j.timeout_strategy = 'fail') THEN 'pending'
+                          ELSE 'failed' END,
+            worker_id = NULL, timeout_at = NULL, run_at = now(),
+            finished_at = CASE WHEN j.attempt < j.max_attempts
+                                AND NOT (v.timed_out AND j.timeout_strategy = 'fail') THEN NULL
+                               ELSE now() END,
+            errors = j.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', j.attempt, 'at', now(),
+                'type', CASE WHEN v.timed_out THEN 'TimeLimitExceeded' ELSE 'WorkerLost' END,
+                'message', CASE WHEN v.timed_out
+                                THEN 'time limit passed and the worker did not stop the job; rescued by maintenance'
+                                ELSE 'worker ' || v.worker_id::text || ' stopped heartbeating; rescued by maintenance'
+                           END))
+        FROM victims v
+        WHERE j.id = v.id AND j.attempt = v.attempt AND j.worker_id IS NOT DISTINCT FROM v.worker_id
+          AND j.status = 'running'
+        RETURNING j.id, j.status, j.queue
+    )
+    SELECT id, status, pg_notify('polyqueue_new', queue) FROM upd
+    """
+)
+
+
+async def job_rescue(conn: Executor, *, dead_after: float, timeout_grace: float) -> list[tuple[uuid.UUID, str]]:
+    """Mark workers with stale heartbeats dead and rescue running jobs that are orphaned or past timeout.
+
+    Rescue is by liveness, never by elapsed run time alone: a long job of a live
+    worker without a time limit is left alone. Returns (job id, new status).
+    """
+    rows = await conn.execute(_RESCUE, {"dead_after": dead_after, "grace": timeout_grace})
+    return [(row[0], row[1]) for row in rows]
+
+
+async def job_prune(conn: Executor, *, older_than: float, limit: int = 10_000) -> int:
+    """Delete up to ``limit`` finished jobs older than ``older_than`` seconds, and old worker rows."""
+    result = await conn.execute(
+        text(
+            "DELETE FROM polyqueue_jobs WHERE id IN (SELECT id FROM polyqueue_jobs "
+            "WHERE finished_at < now() - :age * interval '1 second' LIMIT :limit)"
+        ),
+        {"age": older_than, "limit": limit},
+    )
+    await conn.execute(
+        text(
+            "DELETE FROM polyqueue_workers WHERE status <> 'running' "
+            "AND heartbeat_at < now() - :age * interval '1 second'"
+        ),
+        {"age": older_than},
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def job_redispatch_stale(conn: Executor, *, older_than: float) -> int:
+    """Return jobs ``enqueued`` longer than ``older_than`` seconds to ``pending`` (their delivery was lost)."""
+    result = await conn.execute(
+        text(
+            """
+            WITH upd AS (
+                UPDATE polyqueue_jobs SET status = 'pending', dispatched_at = NULL
+                WHERE status = 'enqueued' AND dispatched_at < now() - :age * interval '1 second'
+                RETURNING id, queue
+            )
+            SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify('polyqueue_new', min(queue)) END FROM upd
+            """
+        ),
+        {"age": older_than},
+    )
+    return int(result.scalar_one())
+
+
+async def job_take_for_dispatch(conn: Executor, limit: int) -> list[tuple[uuid.UUID, str]]:
+    """Lock up to ``limit`` due pending jobs for the relay (call inside a transaction)."""
+    rows = await conn.execute(
+        text(
+            "SELECT id, queue FROM polyqueue_jobs WHERE status = 'pending' AND run_at <= now() "
+            "ORDER BY priority, run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+        ),
+        {"limit": limit},
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
+async def job_mark_enqueued(conn: Executor, ids: Sequence[uuid.UUID]) -> None:
+    """Mark published jobs ``enqueued``."""
+    await conn.execute(
+        text(
+            "UPDATE polyqueue_jobs SET status = 'enqueued', dispatched_at = now() "
+            "WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'pending'"
+        ),
+        {"ids": list(ids)},
+    )
+
+
+async def worker_register(
+    conn: Executor,
+    *,
+    worker_id: uuid.UUID,
+    hostname: str,
+    pid: int,
+    queues: Sequence[str],
+    broker: str,
+    concurrency: int,
+) -> None:
+    """Insert this worker's registry row (status running)."""
+    await conn.execute(
+        text(
+            "INSERT INTO polyqueue_workers (id, hostname, pid, queues, broker, concurrency, status) "
+            "VALUES (:id, :hostname, :pid, CAST(:queues AS text[]), :broker, :concurrency, 'running')"
+        ),
+        {
+            "id": worker_id,
+            "hostname": hostname,
+            "pid": pid,
+            "queues": list(queues),
+            "broker": broker,
+            "concurrency": concurrency,
+        },
+    )
+
+
+async def worker_heartbeat(conn: Executor, worker_id: uuid.UUID) -> bool:
+    """Refresh the heartbeat; False when this worker was declared dead (it must stop claiming)."""
+    result = await conn.execute(
+        text("UPDATE polyqueue_workers SET heartbeat_at = now() WHERE id = :id AND status = 'running'"),
+        {"id": worker_id},
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def worker_stop(conn: Executor, worker_id: uuid.UUID) -> None:
+    """Mark this worker stopped (clean exit)."""
+    await conn.execute(
+        text(
+            "UPDATE polyqueue_workers SET status = 'stopped', stopped_at = now(), heartbeat_at = now() "
+            "WHERE id = :id AND status = 'running'"
+        ),
+        {"id": worker_id},
+    )

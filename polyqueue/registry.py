@@ -1,0 +1,190 @@
+"""The app object and its task registry: ``@app.register`` turns a typed async
+function into a task spec (payload model, result type, queue, retry, time limit)."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+from pydantic import BaseModel, TypeAdapter
+
+from polyqueue.errors import ConfigurationError, UnknownTaskError
+from polyqueue.retry import Backoff
+from polyqueue.settings import Settings
+from polyqueue.types import TimeoutStrategy
+
+__all__ = ["Polyqueue", "TaskSpec", "all_tasks", "find_task", "resolve_task"]
+
+Handler = Callable[..., Awaitable[Any]]
+F = TypeVar("F", bound=Handler)
+
+# Every app's tasks by name, so results can be typed from a job id alone
+# (get_job_result_typed_via_registry). The last registration of a name wins.
+_ALL_TASKS: dict[str, TaskSpec] = {}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered handler and its per-task defaults."""
+
+    name: str
+    func: Handler
+    payload_model: type[BaseModel]
+    takes_context: bool
+    result_type: Any = None
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 3
+    max_run_seconds: float | None = None
+    timeout_strategy: TimeoutStrategy = TimeoutStrategy.RETRY
+    backoff: Backoff = field(default_factory=Backoff)
+
+    @property
+    def result_adapter(self) -> TypeAdapter[Any]:
+        """Validates a stored result back into the handler's return type."""
+        return TypeAdapter(Any if self.result_type in (None, inspect.Signature.empty) else self.result_type)
+
+
+def _inspect_handler(func: Handler, name: str) -> tuple[type[BaseModel], bool, Any]:
+    if not inspect.iscoroutinefunction(func):
+        raise ConfigurationError(f"task {name!r}: the handler must be an async function")
+    params = list(inspect.signature(func).parameters.values())
+    if not params or len(params) > 2:
+        raise ConfigurationError(
+            f"task {name!r}: the handler takes (payload: Model) or (payload: Model, ctx: JobContext)"
+        )
+    hints = typing.get_type_hints(func)
+    model = hints.get(params[0].name)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ConfigurationError(
+            f"task {name!r}: annotate the first parameter with a pydantic BaseModel subclass, got {model!r}"
+        )
+    return model, len(params) == 2, hints.get("return")
+
+
+class Polyqueue:
+    """A polyqueue application: its settings and its registered tasks.
+
+    >>> app = Polyqueue()
+    >>> class Email(BaseModel):
+    ...     to: str
+    >>> @app.register(max_attempts=5)
+    ... async def send_email(payload: Email) -> None: ...
+    """
+
+    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+        base = settings or Settings()
+        self.settings: Settings = base.model_copy(update=overrides) if overrides else base
+        if overrides:  # re-validate the overridden values
+            self.settings = Settings.model_validate(self.settings.model_dump())
+        self.tasks: dict[str, TaskSpec] = {}
+
+    @overload
+    def register(self, func: F, /) -> F: ...
+
+    @overload
+    def register(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 3,
+        max_run_seconds: float | None = None,
+        timeout_strategy: TimeoutStrategy | str = TimeoutStrategy.RETRY,
+        backoff: Backoff | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def register(  # type: ignore[misc]  # mypy cannot pair a decorator-factory TypeVar with the bare form
+        self,
+        func: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        max_attempts: int = 3,
+        max_run_seconds: float | None = None,
+        timeout_strategy: TimeoutStrategy | str = TimeoutStrategy.RETRY,
+        backoff: Backoff | None = None,
+    ) -> F | Callable[[F], F]:
+        """Register an async handler ``(payload: Model[, ctx: JobContext]) -> Result``.
+
+        The task name defaults to the function's name. Raises ``ConfigurationError``
+        for a handler of the wrong shape or a name registered twice.
+        """
+
+        def decorate(fn: F) -> F:
+            task_name = name or fn.__name__
+            if task_name in self.tasks:
+                raise ConfigurationError(f"task {task_name!r} is registered twice")
+            if max_attempts < 1:
+                raise ConfigurationError(f"task {task_name!r}: max_attempts must be >= 1")
+            if max_run_seconds is not None and max_run_seconds <= 0:
+                raise ConfigurationError(f"task {task_name!r}: max_run_seconds must be > 0")
+            model, takes_ctx, result_type = _inspect_handler(fn, task_name)
+            spec = TaskSpec(
+                name=task_name,
+                func=fn,
+                payload_model=model,
+                takes_context=takes_ctx,
+                result_type=result_type,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                max_run_seconds=max_run_seconds,
+                timeout_strategy=TimeoutStrategy(timeout_strategy),
+                backoff=backoff or Backoff(),
+            )
+            self.tasks[task_name] = spec
+            _ALL_TASKS[task_name] = spec
+            return fn
+
+        return decorate(func) if func is not None else decorate
+
+    def task_for(self, payload: BaseModel | dict[str, Any], task: str | None = None) -> TaskSpec:
+        """The task that takes ``payload``: named by ``task``, or found by the payload's model."""
+        return resolve_task(self.tasks, payload, task)
+
+    def get(self, task: str) -> TaskSpec:
+        """The spec registered under ``task``; ``UnknownTaskError`` when there is none."""
+        try:
+            return self.tasks[task]
+        except KeyError:
+            raise UnknownTaskError(f"unknown task {task!r}; registered: {sorted(self.tasks)}") from None
+
+
+def resolve_task(tasks: dict[str, TaskSpec], payload: BaseModel | dict[str, Any], task: str | None) -> TaskSpec:
+    """The task named ``task``, or else the one task in ``tasks`` whose model is the payload's type."""
+    if task is not None:
+        try:
+            return tasks[task]
+        except KeyError:
+            raise UnknownTaskError(f"unknown task {task!r}; registered: {sorted(tasks)}") from None
+    if isinstance(payload, dict):
+        raise UnknownTaskError("a dict payload needs task= to name its task")
+    matches = [s for s in tasks.values() if s.payload_model is type(payload)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise UnknownTaskError(f"no registered task takes {type(payload).__name__}; registered: {sorted(tasks)}")
+    raise UnknownTaskError(
+        f"{len(matches)} tasks take {type(payload).__name__} ({sorted(s.name for s in matches)}); "
+        "pass task= to choose one"
+    )
+
+
+def all_tasks() -> dict[str, TaskSpec]:
+    """Every task registered by any app in this process."""
+    return _ALL_TASKS
+
+
+def find_task(name: str) -> TaskSpec:
+    """The spec of ``name`` from any app in this process."""
+    try:
+        return _ALL_TASKS[name]
+    except KeyError:
+        raise UnknownTaskError(f"unknown task {name!r}: no app in this process registers it") from None

@@ -1,0 +1,87 @@
+"""The relay: forwards committed, due ``pending`` jobs to the broker (the outbox pattern).
+
+Per batch, in one transaction: lock due pending rows (``SKIP LOCKED``, so several
+relays share the work), publish them, mark them ``enqueued``, commit. If publishing
+fails the transaction rolls back and the jobs stay ``pending``. If the commit fails
+after a publish, the next pass publishes again and the worker's claim drops the
+duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from polyqueue._aio import wait_any
+from polyqueue.brokers.base import Broker, Message
+from polyqueue.db import mask_url
+from polyqueue.errors import BrokerError
+from polyqueue.listener import Listener
+from polyqueue.queries import NEW_JOB_CHANNEL, job_mark_enqueued, job_take_for_dispatch
+from polyqueue.settings import Settings
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("polyqueue.relay")
+
+
+class Relay:
+    """Moves ``pending`` → broker → ``enqueued``. ``run_once`` is one batch; ``run`` loops."""
+
+    def __init__(self, engine: AsyncEngine, broker: Broker, listener: Listener | None, settings: Settings) -> None:
+        self.engine = engine
+        self.broker = broker
+        self.listener = listener
+        self.batch_size = settings.relay_batch_size
+        self.poll_interval = settings.poll_interval
+        self._wakeup = asyncio.Event()
+        self.published = 0
+
+    def _on_notify(self, _payload: str) -> None:
+        self._wakeup.set()
+
+    async def run_once(self) -> int:
+        """Publish one batch of due pending jobs; returns how many were published."""
+        async with self.engine.begin() as conn:
+            rows = await job_take_for_dispatch(conn, self.batch_size)
+            if not rows:
+                return 0
+            await self.broker.publish([Message(job_id, queue) for job_id, queue in rows])
+            await job_mark_enqueued(conn, [job_id for job_id, _ in rows])
+        self.published += len(rows)
+        return len(rows)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Publish until ``stopping`` is set, waking on NOTIFY and polling as a fallback."""
+        if self.listener is not None:
+            self.listener.subscribe(NEW_JOB_CHANNEL, self._on_notify)
+        backoff = 0.5
+        try:
+            while not stopping.is_set():
+                self._wakeup.clear()
+                try:
+                    count = await self.run_once()
+                    backoff = 0.5
+                except BrokerError as exc:
+                    log.error(
+                        "relay: publishing to %s failed (%s); jobs stay pending, retrying in %.1fs",
+                        self.broker.name,
+                        mask_url(str(exc)) if "://" in str(exc) else exc,
+                        backoff,
+                    )
+                    await wait_any(stopping, seconds=backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                except Exception as exc:
+                    log.error("relay: database error (%s); retrying in %.1fs", exc, backoff)
+                    await wait_any(stopping, seconds=backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                if count >= self.batch_size:
+                    continue  # more may be waiting
+                await wait_any(stopping, self._wakeup, seconds=self.poll_interval)
+        finally:
+            if self.listener is not None:
+                self.listener.unsubscribe(NEW_JOB_CHANNEL, self._on_notify)

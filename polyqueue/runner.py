@@ -1,0 +1,111 @@
+"""Programmatic entry points: ``run_worker`` (async) and ``main`` (blocking, with signals)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from polyqueue.brokers import Broker, make_broker
+from polyqueue.db import database_url, make_engine
+from polyqueue.errors import ConfigurationError
+from polyqueue.listener import Listener
+from polyqueue.registry import Polyqueue
+from polyqueue.relay import Relay
+from polyqueue.worker.runtime import Worker
+
+__all__ = ["main", "run_relay", "run_worker"]
+
+
+async def run_worker(
+    app: Polyqueue,
+    *,
+    engine: AsyncEngine | None = None,
+    broker: Broker | None = None,
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    run_relay: bool = True,
+    run_maintenance: bool = True,
+    install_signal_handlers: bool = False,
+    burst: bool = False,
+) -> Worker:
+    """Run a worker for ``app`` until stopped; returns the stopped worker (for its counters)."""
+    s = app.settings
+    own_engine = engine is None
+    engine = engine or make_engine(database_url(s.database_url, s.embedded_dir), pool_size=8)
+    broker = broker if broker is not None else make_broker(s)
+    worker = Worker(
+        app,
+        engine,
+        broker=broker,
+        queues=queues,
+        concurrency=concurrency,
+        run_relay=run_relay,
+        run_maintenance=run_maintenance,
+    )
+    try:
+        await worker.run(install_signal_handlers=install_signal_handlers, burst=burst)
+    finally:
+        if broker is not None:
+            await broker.close()
+        if own_engine:
+            await engine.dispose()
+    return worker
+
+
+def main(
+    app: Polyqueue,
+    *,
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    run_relay: bool = True,
+    run_maintenance: bool = True,
+) -> None:
+    """Run a worker in the foreground until SIGTERM or SIGINT (what ``polyqueue worker`` calls)."""
+    asyncio.run(
+        run_worker(
+            app,
+            queues=queues,
+            concurrency=concurrency,
+            run_relay=run_relay,
+            run_maintenance=run_maintenance,
+            install_signal_handlers=True,
+        )
+    )
+
+
+async def run_relay(
+    app: Polyqueue,
+    *,
+    engine: AsyncEngine | None = None,
+    broker: Broker | None = None,
+    stopping: asyncio.Event | None = None,
+    install_signal_handlers: bool = False,
+) -> Relay:
+    """Run a relay alone (``polyqueue relay``) until ``stopping`` is set or SIGTERM/SIGINT."""
+    s = app.settings
+    broker = broker if broker is not None else make_broker(s)
+    if broker is None:
+        raise ConfigurationError("queue_backend 'postgres' needs no relay: workers claim from the table directly")
+    own_engine = engine is None
+    engine = engine or make_engine(database_url(s.database_url, s.embedded_dir), pool_size=4)
+    stopping = stopping or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signal_handlers:
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+    listener = Listener(engine)
+    relay = Relay(engine, broker, listener, s)
+    try:
+        await broker.ensure(s.queues)
+        await listener.start()
+        await relay.run(stopping)
+    finally:
+        await listener.close()
+        await broker.close()
+        if own_engine:
+            await engine.dispose()
+    return relay

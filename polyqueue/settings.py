@@ -1,0 +1,76 @@
+"""One settings object, read from ``POLYQUEUE_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["QueueBackend", "Settings"]
+
+#: ``postgres``: workers claim straight from the table (default, no broker).
+#: ``none``/``memory``: in-process asyncio queue, relay and worker in one process.
+QueueBackend = Literal["postgres", "none", "memory", "redis", "sqs", "azure_service_bus", "pgmq"]
+
+
+class Settings(BaseSettings):
+    """Every knob of polyqueue, validated at construction, with named defaults.
+
+    Environment variables use the prefix ``POLYQUEUE_`` (``POLYQUEUE_DATABASE_URL``,
+    ``POLYQUEUE_QUEUE_BACKEND``, ``POLYQUEUE_CONCURRENCY`` ...).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="POLYQUEUE_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="Postgres URL; unset → embedded Postgres under embedded_dir."
+    )
+    embedded_dir: str = Field(default=".polyqueue", description="Where the embedded Postgres keeps its data.")
+    queue_backend: QueueBackend = Field(default="postgres", description="How deliveries travel (the broker).")
+    broker_url: str | None = Field(default=None, description="The broker's URL, for brokers that take one.")
+
+    queues: list[str] = Field(default_factory=lambda: ["default"], description="Queues a worker serves.")
+    concurrency: int = Field(default=16, ge=1, le=10_000, description="Jobs run at once per worker process.")
+    poll_interval: float = Field(default=1.0, gt=0, description="Seconds between polls when NOTIFY is silent.")
+    completion_flush_interval: float = Field(
+        default=0.05, gt=0, description="Seconds completions may wait to be written in one batch."
+    )
+    completion_batch_size: int = Field(default=100, ge=1, description="Completions written per statement.")
+    heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between worker heartbeats.")
+    worker_dead_after: float = Field(
+        default=30.0,
+        gt=0,
+        description="A worker whose heartbeat is older than this is dead; its jobs rescued.",
+    )
+    shutdown_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, seconds to let running jobs finish before handing them back.",
+    )
+    maintenance_interval: float = Field(default=5.0, gt=0, description="Seconds between maintenance passes.")
+    timeout_grace: float = Field(
+        default=10.0, ge=0, description="Maintenance rescues a job this long after its timeout_at passed."
+    )
+    retention_seconds: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Finished jobs older than this are pruned."
+    )
+    redispatch_after: float = Field(
+        default=300.0,
+        gt=0,
+        description="Enqueued jobs unclaimed this long go back to pending (lost delivery).",
+    )
+    relay_batch_size: int = Field(default=500, ge=1, description="Jobs the relay publishes per batch.")
+    lease_seconds: float = Field(default=30.0, gt=0, description="Broker lease (visibility) of a delivery.")
+
+    @field_validator("queue_backend", mode="before")
+    @classmethod
+    def _alias_memory(cls, value: object) -> object:
+        return "none" if value == "memory" else value
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [q.strip() for q in value.split(",") if q.strip()]
+        return value

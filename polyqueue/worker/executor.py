@@ -1,0 +1,131 @@
+"""Runs one claimed job and turns what happened into an :class:`Outcome`.
+
+Pure of scheduling: no slots, no brokers. The runtime decides when to call it;
+the completer persists what it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError, to_json
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from polyqueue.context import JobContext
+from polyqueue.errors import Retry, TerminalError
+from polyqueue.queries import ClaimedJob, Outcome
+from polyqueue.registry import TaskSpec
+from polyqueue.types import TimeoutStrategy
+
+__all__ = ["TimeLimitExceeded", "error_record", "execute", "retry_or_fail"]
+
+log = logging.getLogger("polyqueue.worker")
+
+
+class TimeLimitExceeded(Exception):
+    """The handler ran past ``max_run_seconds``."""
+
+
+def error_record(attempt: int, kind: str, message: str, tb: str | None = None) -> str:
+    """One entry of a job's ``errors`` list, as JSON."""
+    return to_json(
+        {
+            "attempt": attempt,
+            "at": dt.datetime.now(dt.UTC).isoformat(),
+            "type": kind,
+            "message": message,
+            "traceback": tb,
+        }
+    ).decode()
+
+
+def _failed(job: ClaimedJob, kind: str, message: str, tb: str | None = None) -> Outcome:
+    return Outcome(
+        job.id, job.attempt, job.worker_id, "failed", error_json=error_record(job.attempt, kind, message, tb)
+    )
+
+
+def retry_or_fail(
+    job: ClaimedJob, spec: TaskSpec, kind: str, message: str, tb: str | None, delay: float | None
+) -> Outcome:
+    error = error_record(job.attempt, kind, message, tb)
+    if job.attempt >= job.max_attempts:
+        return Outcome(job.id, job.attempt, job.worker_id, "failed", error_json=error)
+    wait = spec.backoff.delay(job.attempt) if delay is None else delay
+    return Outcome(job.id, job.attempt, job.worker_id, "pending", error_json=error, delay=wait)
+
+
+async def _call(spec: TaskSpec, payload: Any, ctx: JobContext, job: ClaimedJob) -> Any:
+    args = (payload, ctx) if spec.takes_context else (payload,)
+    limit = job.max_run_seconds
+    strategy = job.timeout_strategy
+    if limit is None:
+        return await spec.func(*args)
+    if strategy == TimeoutStrategy.IGNORE:
+        handle = asyncio.get_running_loop().call_later(
+            limit, lambda: ctx.logger.warning("job passed its %ss time limit; strategy 'ignore' lets it run", limit)
+        )
+        try:
+            return await spec.func(*args)
+        finally:
+            handle.cancel()
+    try:
+        async with asyncio.timeout(limit) as scope:
+            return await spec.func(*args)
+    except TimeoutError as exc:
+        if scope.expired():
+            raise TimeLimitExceeded(f"ran longer than max_run_seconds={limit}") from exc
+        raise
+
+
+async def execute(
+    job: ClaimedJob,
+    spec: TaskSpec | None,
+    *,
+    engine: AsyncEngine,
+    heartbeat: Callable[[], Awaitable[None]],
+) -> tuple[Outcome, JobContext | None]:
+    """Run ``job`` once. Never raises, except ``CancelledError`` (shutdown or cancellation)."""
+    if spec is None:
+        return _failed(job, "UnknownTaskError", f"no handler is registered for task {job.task!r} in this worker"), None
+    try:
+        payload = spec.payload_model.model_validate(job.payload)
+    except ValidationError as exc:
+        return _failed(job, "ValidationError", f"payload does not fit {spec.payload_model.__name__}: {exc}"), None
+    ctx = JobContext(
+        job_id=job.id,
+        task=job.task,
+        queue=job.queue,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        meta=job.meta,
+        engine=engine,
+        heartbeat=heartbeat,
+    )
+    try:
+        value = await _call(spec, payload, ctx, job)
+    except TimeLimitExceeded as exc:
+        if job.timeout_strategy == TimeoutStrategy.FAIL:
+            return _failed(job, "TimeLimitExceeded", str(exc)), ctx
+        return retry_or_fail(job, spec, "TimeLimitExceeded", str(exc), None, None), ctx
+    except TerminalError as exc:
+        return _failed(job, type(exc).__name__, str(exc), traceback.format_exc()), ctx
+    except ValidationError as exc:  # raised inside the handler: a bug in data, not a transient fault
+        return _failed(job, "ValidationError", str(exc), traceback.format_exc()), ctx
+    except Retry as exc:
+        return retry_or_fail(job, spec, "Retry", str(exc), None, exc.delay), ctx
+    except Exception as exc:
+        return retry_or_fail(job, spec, type(exc).__name__, str(exc), traceback.format_exc(), None), ctx
+    try:
+        result_json = to_json(value).decode()
+    except (PydanticSerializationError, TypeError, ValueError) as exc:
+        return _failed(
+            job, "ResultNotSerializable", f"result of task {job.task!r} is not JSON-serialisable: {exc}"
+        ), ctx
+    return Outcome(job.id, job.attempt, job.worker_id, "succeeded", result_json=result_json), ctx

@@ -1,0 +1,295 @@
+"""The worker process: slots, the fetch loop, heartbeats, shutdown.
+
+Flow per job: source.fetch (claim) → executor (run) → completer (persist, batched)
+or, when the handler used ``ctx.session``, completion in the handler's own
+transaction → source.done (ack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from polyqueue._aio import wait_any
+from polyqueue.brokers.base import Broker
+from polyqueue.context import JobContext
+from polyqueue.listener import Listener
+from polyqueue.maintenance.service import Maintenance
+from polyqueue.queries import (
+    Outcome,
+    job_complete_many,
+    job_hand_back,
+    job_progress,
+    worker_heartbeat,
+    worker_register,
+    worker_stop,
+)
+from polyqueue.registry import Polyqueue
+from polyqueue.relay import Relay
+from polyqueue.worker.completer import Completer
+from polyqueue.worker.executor import execute, retry_or_fail
+from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSource
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("polyqueue.worker")
+
+
+class Worker:
+    """Runs the app's handlers for jobs of ``queues``, ``concurrency`` at a time.
+
+    ``broker=None`` means direct Postgres mode. With a broker, ``run_relay`` (on by
+    default) also forwards committed jobs to it from this process.
+    """
+
+    def __init__(
+        self,
+        app: Polyqueue,
+        engine: AsyncEngine,
+        *,
+        broker: Broker | None = None,
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        run_relay: bool = True,
+        run_maintenance: bool = True,
+    ) -> None:
+        s = app.settings
+        self.app = app
+        self.engine = engine
+        self.broker = broker
+        self.queues = list(queues or s.queues)
+        self.concurrency = concurrency or s.concurrency
+        self.settings = s
+        self.worker_id = uuid.uuid4()
+        self.listener = Listener(engine)
+        self.source: JobSource = (
+            DirectSource(engine, self.listener, self.queues, s.poll_interval)
+            if broker is None
+            else BrokerSource(engine, broker, self.queues, s.lease_seconds)
+        )
+        self.completer = Completer(
+            engine, flush_interval=s.completion_flush_interval, batch_size=s.completion_batch_size
+        )
+        self.relay = Relay(engine, broker, self.listener, s) if broker is not None and run_relay else None
+        self.maintenance = Maintenance(engine, s) if run_maintenance else None
+        self._running: dict[asyncio.Task[None], Claim] = {}
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self.processed = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the worker to stop: no new claims; running jobs get ``shutdown_grace`` seconds."""
+        self._stopping.set()
+
+    async def run(self, *, install_signal_handlers: bool = False, burst: bool = False) -> None:
+        """Run until :meth:`stop` (or SIGTERM/SIGINT with ``install_signal_handlers``).
+
+        With ``burst`` the worker stops by itself once no job is due and none is running.
+        """
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        await self._register()
+        await self.listener.start()
+        self.completer.start()
+        self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
+        if self.relay is not None:
+            if self.broker is not None:
+                await self.broker.ensure(self.queues)
+            self._background.append(asyncio.create_task(self.relay.run(self._stopping), name="polyqueue-relay"))
+        if self.maintenance is not None:
+            self._background.append(
+                asyncio.create_task(self.maintenance.run(self._stopping), name="polyqueue-maintenance")
+            )
+        log.info(
+            "worker %s started: queues=%s concurrency=%d broker=%s",
+            self.worker_id,
+            ",".join(self.queues),
+            self.concurrency,
+            self.broker.name if self.broker else "postgres",
+        )
+        try:
+            await self._fetch_loop(burst)
+        finally:
+            await self._shutdown()
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    async def _register(self) -> None:
+        async with self.engine.begin() as conn:
+            await worker_register(
+                conn,
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                queues=self.queues,
+                broker=self.broker.name if self.broker else "postgres",
+                concurrency=self.concurrency,
+            )
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopping.is_set():
+            if await wait_any(self._stopping, seconds=self.settings.heartbeat_interval):
+                return
+            try:
+                async with self.engine.begin() as conn:
+                    alive = await worker_heartbeat(conn, self.worker_id)
+                if not alive:
+                    # Declared dead (we were frozen or cut off): our jobs were rescued. Their late
+                    # outcomes will be refused by the ownership guard; come back as a new worker.
+                    old, self.worker_id = self.worker_id, uuid.uuid4()
+                    log.error("worker %s was declared dead by maintenance; re-registering as %s", old, self.worker_id)
+                    await self._register()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- the fetch loop --------------------------------------------------------------------------
+    async def _free_slots(self, low_water: int) -> int:
+        """Free slots once there are any; while busy, linger up to 5 ms so claims come in batches."""
+        lingered = False
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._running)
+            if free >= low_water or (free > 0 and (lingered or not self._running)):
+                return free
+            self._slot_freed.clear()
+            lingered = free > 0
+            await wait_any(self._slot_freed, self._stopping, seconds=0.005 if free > 0 else None)
+        return 0
+
+    async def _fetch_loop(self, burst: bool) -> None:
+        low_water = max(1, self.concurrency // 4)
+        while not self._stopping.is_set():
+            free = await self._free_slots(low_water)
+            if free <= 0:
+                continue
+            wait = 0.0 if (burst or self._running) else self.settings.poll_interval
+            try:
+                claims = await self.source.fetch(self.worker_id, free, wait)
+            except Exception as exc:
+                log.warning("claiming jobs failed: %s; retrying", exc)
+                await wait_any(self._stopping, seconds=1.0)
+                continue
+            for claim in claims:
+                task = asyncio.create_task(self._run_one(claim), name=f"polyqueue-job-{claim.job.id}")
+                self._running[task] = claim
+                task.add_done_callback(self._job_finished)
+            if not claims:
+                if burst and not self._running:
+                    return
+                if self._running:
+                    # Nothing due now: wait for a running job to finish, or poll again.
+                    self._slot_freed.clear()
+                    await wait_any(self._slot_freed, self._stopping, seconds=self.settings.poll_interval)
+
+    def _job_finished(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job task crashed", exc_info=task.exception())
+
+    # -- one job ---------------------------------------------------------------------------------
+    async def _run_one(self, claim: Claim) -> None:
+        job = claim.job
+        spec = self.app.tasks.get(job.task)
+
+        async def heartbeat() -> None:
+            async with self.engine.begin() as conn:
+                await job_progress(conn, job.worker_id, job.id, job.attempt)
+            if claim.delivery is not None and self.broker is not None:
+                await self.broker.extend(claim.delivery, self.settings.lease_seconds)
+
+        ctx: JobContext | None = None
+        try:
+            async with self.source.keepalive(claim):
+                outcome, ctx = await execute(job, spec, engine=self.engine, heartbeat=heartbeat)
+            if ctx is not None and ctx.session_used:
+                await self._complete_in_session(ctx, outcome, claim)
+            else:
+                self.completer.add(outcome, lambda o, ok: self._after_write(claim, o, ok))
+            self.processed += 1
+        finally:
+            if ctx is not None and ctx.session_used:
+                await asyncio.shield(ctx.session.close())
+
+    async def _complete_in_session(self, ctx: JobContext, outcome: Outcome, claim: Claim) -> None:
+        session = ctx.session
+        if outcome.status == "succeeded":
+            try:
+                written = await job_complete_many(session, [outcome])
+                if outcome.job_id in written:
+                    await session.commit()
+                    await self._after_write(claim, outcome, True)
+                    return
+                await session.rollback()
+                log.warning(
+                    "job %s: lost ownership before commit; the handler's writes were rolled back", outcome.job_id
+                )
+                await self._after_write(claim, outcome, False)
+                return
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await session.rollback()
+                log.error("job %s: committing the handler's transaction failed: %s", outcome.job_id, exc)
+                spec = self.app.tasks[claim.job.task]
+                outcome = retry_or_fail(claim.job, spec, type(exc).__name__, str(exc), None, None)
+        else:
+            with contextlib.suppress(Exception):
+                await session.rollback()  # the handler failed: its writes go with it
+        self.completer.add(outcome, lambda o, ok: self._after_write(claim, o, ok))
+
+    async def _after_write(self, claim: Claim, outcome: Outcome, written: bool) -> None:
+        if outcome.status == "pending" and written:
+            await self.source.give_back(claim, outcome.delay)
+        else:
+            await self.source.done(claim)
+
+    # -- shutdown --------------------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        self._stopping.set()
+        if self._running:
+            log.info("waiting up to %.1fs for %d running jobs", self.settings.shutdown_grace, len(self._running))
+            _, pending = await asyncio.wait(list(self._running), timeout=self.settings.shutdown_grace)
+            if pending:
+                claims = [self._running[t] for t in pending if t in self._running]
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                await self._hand_back(claims)
+        await self.completer.close()
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        try:
+            async with self.engine.begin() as conn:
+                await worker_stop(conn, self.worker_id)
+        except Exception as exc:
+            log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
+        await self.source.close()
+        await self.listener.close()
+        log.info("worker %s stopped after %d jobs", self.worker_id, self.processed)
+
+    async def _hand_back(self, claims: list[Claim]) -> None:
+        by_worker: dict[uuid.UUID, list[uuid.UUID]] = {}
+        for c in claims:
+            by_worker.setdefault(c.job.worker_id, []).append(c.job.id)
+        try:
+            async with self.engine.begin() as conn:
+                count = sum([await job_hand_back(conn, w, ids) for w, ids in by_worker.items()])
+            log.warning("handed back %d unfinished jobs (pending again, attempt not counted)", count)
+        except Exception as exc:
+            log.error("handing back %d jobs failed (%s); maintenance will rescue them", len(claims), exc)
+        for c in claims:
+            await self.source.give_back(c)

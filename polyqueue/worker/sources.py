@@ -1,0 +1,181 @@
+"""Where a worker's jobs come from.
+
+* :class:`DirectSource` — direct Postgres mode: claim ``pending`` rows with
+  ``FOR UPDATE SKIP LOCKED``, woken by NOTIFY, polling as a fallback.
+* :class:`BrokerSource` — any broker: receive deliveries, claim their jobs in
+  Postgres (one owner per attempt), ack stale or malformed deliveries.
+
+The runtime sees one shape, so a new broker plugs in without touching it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from polyqueue.brokers.base import Broker, Delivery
+from polyqueue.errors import BrokerError, LeaseLostError
+from polyqueue.listener import Listener
+from polyqueue.queries import NEW_JOB_CHANNEL, ClaimedJob, job_claim_by_ids, job_claim_pending
+
+__all__ = ["BrokerSource", "Claim", "DirectSource", "JobSource"]
+
+log = logging.getLogger("polyqueue.worker")
+
+
+@dataclass(slots=True)
+class Claim:
+    """A job this worker owns, and the broker delivery that brought it (None in direct mode)."""
+
+    job: ClaimedJob
+    delivery: Delivery | None = None
+
+
+class JobSource(Protocol):
+    async def fetch(self, worker_id: uuid.UUID, limit: int, wait: float) -> list[Claim]: ...
+
+    async def done(self, claim: Claim) -> None: ...
+
+    async def give_back(self, claim: Claim, delay: float = 0.0) -> None: ...
+
+    def keepalive(self, claim: Claim) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+    async def close(self) -> None: ...
+
+
+class DirectSource:
+    """Claims straight from ``polyqueue_jobs`` (``queue_backend="postgres"``)."""
+
+    def __init__(self, engine: AsyncEngine, listener: Listener, queues: Sequence[str], poll_interval: float) -> None:
+        self._engine = engine
+        self._queues = list(queues)
+        self._poll = poll_interval
+        self._wakeup = asyncio.Event()
+        self._listener = listener
+        listener.subscribe(NEW_JOB_CHANNEL, self._on_notify)
+
+    def _on_notify(self, payload: str) -> None:
+        if not payload or payload in self._queues:
+            self._wakeup.set()
+
+    async def fetch(self, worker_id: uuid.UUID, limit: int, wait: float) -> list[Claim]:
+        self._wakeup.clear()  # before the claim: a NOTIFY during it wakes the wait below
+        jobs = await self._claim(worker_id, limit)
+        if not jobs and wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), min(wait, self._poll))
+            jobs = await self._claim(worker_id, limit)
+        return [Claim(j) for j in jobs]
+
+    async def _claim(self, worker_id: uuid.UUID, limit: int) -> list[ClaimedJob]:
+        async with self._engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return await job_claim_pending(conn, worker_id, self._queues, limit)
+
+    async def done(self, claim: Claim) -> None:
+        return None
+
+    async def give_back(self, claim: Claim, delay: float = 0.0) -> None:
+        return None  # the row itself goes back to pending; nothing else holds the job
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, claim: Claim) -> AsyncIterator[None]:
+        yield
+
+    async def close(self) -> None:
+        self._listener.unsubscribe(NEW_JOB_CHANNEL, self._on_notify)
+
+
+class BrokerSource:
+    """Receives deliveries from a broker and claims their jobs in Postgres."""
+
+    def __init__(self, engine: AsyncEngine, broker: Broker, queues: Sequence[str], lease_seconds: float) -> None:
+        self._engine = engine
+        self._broker = broker
+        self._queues = list(queues)
+        self._lease = lease_seconds
+
+    async def fetch(self, worker_id: uuid.UUID, limit: int, wait: float) -> list[Claim]:
+        try:
+            deliveries = await self._broker.receive(self._queues, limit, wait)
+        except BrokerError as exc:
+            log.warning("receiving from %s failed: %s; retrying", self._broker.name, exc)
+            await asyncio.sleep(min(wait, 1.0) if wait > 0 else 0.1)
+            return []
+        if not deliveries:
+            return []
+        good: dict[uuid.UUID, Delivery] = {}
+        extra: list[Delivery] = []
+        for d in deliveries:
+            if d.job_id is None:
+                log.error("dropping malformed message from %s queue %r: %s", self._broker.name, d.queue, d.error)
+                extra.append(d)
+            elif d.job_id in good:
+                extra.append(d)  # the same job delivered twice in one batch
+            else:
+                good[d.job_id] = d
+        jobs: list[ClaimedJob] = []
+        if good:
+            async with self._engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                jobs = await job_claim_by_ids(conn, worker_id, list(good))
+        claimed = {j.id for j in jobs}
+        extra += [d for job_id, d in good.items() if job_id not in claimed]
+        for d in extra:  # stale, duplicate or malformed: the record in Postgres says there is nothing to run
+            await self._ack_quietly(d)
+        return [Claim(j, good[j.id]) for j in jobs]
+
+    async def _ack_quietly(self, delivery: Delivery) -> None:
+        try:
+            await self._broker.ack(delivery)
+        except BrokerError as exc:
+            log.warning("ack of delivery %s failed: %s", delivery.job_id, exc)
+
+    async def done(self, claim: Claim) -> None:
+        if claim.delivery is not None:
+            await self._ack_quietly(claim.delivery)
+
+    async def give_back(self, claim: Claim, delay: float = 0.0) -> None:
+        if claim.delivery is None:
+            return
+        try:
+            await self._broker.release(claim.delivery, delay)
+        except BrokerError as exc:  # the job row is pending again; the relay publishes it anew
+            log.warning("release of delivery %s failed: %s", claim.delivery.job_id, exc)
+
+    @contextlib.asynccontextmanager
+    async def keepalive(self, claim: Claim) -> AsyncIterator[None]:
+        """Extend the delivery's lease every third of it while the job runs."""
+        if claim.delivery is None or not self._broker.capabilities.lease:
+            yield
+            return
+        delivery = claim.delivery
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self._lease / 3)
+                try:
+                    await self._broker.extend(delivery, self._lease)
+                except LeaseLostError:
+                    log.warning("lease of job %s lost; Postgres ownership still guards its completion", delivery.job_id)
+                    return
+                except BrokerError as exc:
+                    log.warning("lease extension of job %s failed: %s", delivery.job_id, exc)
+
+        task = asyncio.create_task(renew(), name=f"polyqueue-lease-{delivery.job_id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def close(self) -> None:
+        return None
