@@ -30,6 +30,14 @@ MAX_PAYLOAD_BYTES = 1_000_000
 _LIVE = [s.value for s in LIVE_STATUSES]
 
 
+def describe_validation_error(exc: ValidationError) -> str:
+    """``field.path: message`` for each error, on one line."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(payload)'}: {err['msg']} (got {err.get('input')!r:.80})"
+        for err in exc.errors()
+    )
+
+
 def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
     try:
         model = (
@@ -38,7 +46,7 @@ def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -
             else spec.payload_model.model_validate(payload.model_dump() if isinstance(payload, BaseModel) else payload)
         )
     except ValidationError as exc:
-        raise PayloadError(f"payload for task {spec.name!r} is invalid: {exc}") from exc
+        raise PayloadError(f"payload for task {spec.name!r} is invalid: {describe_validation_error(exc)}") from exc
     data: dict[str, Any] = model.model_dump(mode="json")
     size = len(to_json(data))
     if size > MAX_PAYLOAD_BYTES:

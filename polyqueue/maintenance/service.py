@@ -63,12 +63,22 @@ class Maintenance:
 
     async def _try_lead(self) -> bool:
         if self._leader_conn is not None:
-            if not self._leader_conn.closed and not self._leader_conn.invalidated:
+            try:
+                await self._leader_conn.execute(text("SELECT 1"))  # keeps the session from idling out
                 return True
-            await self._resign()
+            except Exception as exc:
+                log.warning("lost the maintenance leader connection: %s", exc)
+                await self._resign()
         conn = await self.engine.connect()
         try:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            # A leader frozen longer than this (SIGSTOP, a blocked event loop) has its session
+            # ended by Postgres, which frees the lock for a live worker. Postgres 14+.
+            idle_ms = int(1000 * max(self.settings.worker_dead_after, 3 * self.settings.maintenance_interval))
+            try:
+                await conn.execute(text(f"SET idle_session_timeout = {idle_ms}"))
+            except Exception:  # Postgres 13: no such setting; leadership then ends only with the connection
+                await conn.rollback()
             got = await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY})
         except BaseException:
             await conn.close()

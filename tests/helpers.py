@@ -1,0 +1,93 @@
+"""Test helpers: run a worker in the background, wait for database conditions with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from polyqueue import Polyqueue
+from polyqueue.brokers.base import Broker
+from polyqueue.worker.runtime import Worker
+from tests.services import url_str
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Settings that make liveness and maintenance fast enough for tests.
+FAST = {
+    "poll_interval": 0.2,
+    "heartbeat_interval": 0.2,
+    "worker_dead_after": 1.5,
+    "maintenance_interval": 0.2,
+    "timeout_grace": 0.2,
+    "completion_flush_interval": 0.01,
+    "shutdown_grace": 5.0,
+}
+
+
+def make_app(**overrides: Any) -> Polyqueue:
+    return Polyqueue(**{**FAST, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    app: Polyqueue, engine: AsyncEngine, *, broker: Broker | None = None, **kwargs: Any
+) -> AsyncIterator[Worker]:
+    """A worker running in a background task; stopped (gracefully) on exit."""
+    worker = Worker(app, engine, broker=broker, **kwargs)
+    task = asyncio.create_task(worker.run(), name="test-worker")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], *, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as conn:
+        return await conn.scalar(text(sql), params)
+
+
+async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(text(sql), params)).all())
+
+
+async def wait_all_terminal(engine: AsyncEngine, expected: int, timeout: float = 30.0) -> None:
+    async def done() -> bool:
+        n = await scalar(
+            engine, "SELECT count(*) FROM polyqueue_jobs WHERE status IN ('succeeded','failed','cancelled')"
+        )
+        return bool(n >= expected)
+
+    await wait_until(done, timeout=timeout, what=f"{expected} jobs to finish")
+
+
+def spawn_worker(
+    db: URL, app_path: str, *, env: dict[str, str] | None = None, **settings: Any
+) -> subprocess.Popen[bytes]:
+    """Start a real worker process (``tests/apps/run_worker.py``) for ``app_path`` (module:attr)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "POLYQUEUE_DATABASE_URL": url_str(db)}
+    for key, value in {**FAST, **settings}.items():
+        full_env[f"POLYQUEUE_{key.upper()}"] = str(value)
+    full_env.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "tests.apps.run_worker", app_path], env=full_env, cwd=ROOT)

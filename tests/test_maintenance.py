@@ -1,0 +1,149 @@
+"""Maintenance against a real Postgres: rescue by liveness, the timeout backstop,
+re-dispatch of lost deliveries, pruning, one leader at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from polyqueue import enqueue
+from polyqueue.maintenance.service import Maintenance
+from polyqueue.queries import job_claim_pending, worker_register
+from tests.helpers import make_app, rows, scalar
+
+app = make_app()
+
+
+class Ping(BaseModel):
+    n: int = 0
+
+
+@app.register(max_attempts=2)
+async def ping(payload: Ping) -> None:
+    return None
+
+
+async def _claimed_job(
+    engine: AsyncEngine, *, worker_alive: bool, heartbeat_age: float = 0.0, **job: object
+) -> uuid.UUID:
+    """A running job held by a registered worker whose heartbeat is ``heartbeat_age`` seconds old."""
+    async with AsyncSession(engine) as s, s.begin():
+        await enqueue(s, Ping(), **job)  # type: ignore[arg-type]
+    worker = uuid.uuid4()
+    async with engine.begin() as conn:
+        await worker_register(
+            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
+        )
+        await conn.execute(
+            text("UPDATE polyqueue_workers SET heartbeat_at = now() - :age * interval '1 second', status = :st"),
+            {"age": heartbeat_age, "st": "running" if worker_alive else "stopped"},
+        )
+        [claimed] = await job_claim_pending(conn, worker, ["default"], 1)
+    return claimed.id
+
+
+async def test_job_of_a_worker_with_stale_heartbeat_is_rescued_and_worker_marked_dead(engine: AsyncEngine) -> None:
+    job = await _claimed_job(engine, worker_alive=True, heartbeat_age=60)
+    result = await Maintenance(engine, app.settings).run_once()
+    assert result.rescued == [(str(job), "pending")]
+    assert await scalar(engine, "SELECT status FROM polyqueue_workers") == "dead"
+    [(status, worker_id, errors)] = await rows(engine, "SELECT status, worker_id, errors FROM polyqueue_jobs")
+    assert (status, worker_id) == ("pending", None)
+    assert errors[0]["type"] == "WorkerLost"
+
+
+async def test_long_job_of_a_live_worker_is_left_alone(engine: AsyncEngine) -> None:
+    """Rescue by liveness, never by elapsed time (River #682): a job running for hours is fine."""
+    job = await _claimed_job(engine, worker_alive=True, heartbeat_age=0)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE polyqueue_jobs SET started_at = now() - interval '10 hours'"))
+    result = await Maintenance(engine, app.settings).run_once()
+    assert result.rescued == []
+    assert await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :i", i=job) == "running"
+
+
+async def test_rescue_on_last_attempt_fails_the_job(engine: AsyncEngine) -> None:
+    await _claimed_job(engine, worker_alive=False, max_attempts=1)
+    result = await Maintenance(engine, app.settings).run_once()
+    assert [st for _, st in result.rescued] == ["failed"]
+    assert await scalar(engine, "SELECT finished_at IS NOT NULL FROM polyqueue_jobs") is True
+
+
+async def test_timeout_backstop_rescues_a_job_past_timeout_at(engine: AsyncEngine) -> None:
+    """The worker could not act (blocked loop): maintenance enforces timeout_at, with the strategy."""
+    retry = await _claimed_job(engine, worker_alive=True, max_run_seconds=0.01, timeout_strategy="retry")
+    fail = await _claimed_job(engine, worker_alive=True, max_run_seconds=0.01, timeout_strategy="fail")
+    ignore = await _claimed_job(engine, worker_alive=True, max_run_seconds=0.01, timeout_strategy="ignore")
+    await asyncio.sleep(0.5)  # past timeout_at + timeout_grace (0.2 s)
+    result = dict((await Maintenance(engine, app.settings).run_once()).rescued)
+    assert result == {str(retry): "pending", str(fail): "failed"}
+    assert await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :i", i=ignore) == "running"
+    errors = await scalar(engine, "SELECT errors FROM polyqueue_jobs WHERE id = :i", i=fail)
+    assert errors[-1]["type"] == "TimeLimitExceeded"
+
+
+async def test_rescue_rechecks_state_so_a_job_finished_meanwhile_is_untouched(engine: AsyncEngine) -> None:
+    """River #1302: the rescuer must not overwrite a job that completed between its read and its write."""
+    job = await _claimed_job(engine, worker_alive=False)
+    async with engine.connect() as holder:
+        # The worker is mid-completion: it holds the row lock and marks the job succeeded.
+        await holder.execute(text("UPDATE polyqueue_jobs SET status = 'succeeded', finished_at = now()"))
+        rescue = asyncio.create_task(Maintenance(engine, app.settings).run_once())
+        await asyncio.sleep(0.2)
+        await holder.commit()
+    result = await rescue
+    assert result.rescued == []
+    assert await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :i", i=job) == "succeeded"
+
+
+async def test_enqueued_jobs_with_lost_deliveries_are_redispatched(engine: AsyncEngine) -> None:
+    settings = make_app(redispatch_after=60).settings
+    async with AsyncSession(engine) as s, s.begin():
+        await enqueue(s, Ping(n=1))
+        await enqueue(s, Ping(n=2))
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE polyqueue_jobs SET status = 'enqueued', dispatched_at = now()"))
+        await conn.execute(
+            text("UPDATE polyqueue_jobs SET dispatched_at = now() - interval '2 minutes' WHERE payload->>'n' = '1'")
+        )
+    result = await Maintenance(engine, settings).run_once()
+    assert result.redispatched == 1
+    assert await rows(engine, "SELECT payload->>'n', status FROM polyqueue_jobs ORDER BY 1") == [
+        ("1", "pending"),
+        ("2", "enqueued"),
+    ]
+
+
+async def test_prune_deletes_only_old_finished_jobs(engine: AsyncEngine) -> None:
+    settings = make_app(retention_seconds=3600).settings
+    async with AsyncSession(engine) as s, s.begin():
+        for n in range(3):
+            await enqueue(s, Ping(n=n))
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE polyqueue_jobs SET status='succeeded', finished_at = now() - interval '2 hours' WHERE payload->>'n' = '0'"
+            )
+        )
+        await conn.execute(
+            text("UPDATE polyqueue_jobs SET status='failed', finished_at = now() WHERE payload->>'n' = '1'")
+        )
+    result = await Maintenance(engine, settings).run_once()
+    assert result.pruned == 1
+    assert await scalar(engine, "SELECT array_agg(payload->>'n' ORDER BY payload->>'n') FROM polyqueue_jobs") == [
+        "1",
+        "2",
+    ]
+
+
+async def test_only_one_leader_at_a_time(engine: AsyncEngine) -> None:
+    a, b = Maintenance(engine, app.settings), Maintenance(engine, app.settings)
+    assert await a._try_lead() is True
+    assert await b._try_lead() is False
+    await a._resign()
+    assert await b._try_lead() is True
+    await b._resign()
