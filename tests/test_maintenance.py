@@ -126,7 +126,8 @@ async def test_prune_deletes_only_old_finished_jobs(engine: AsyncEngine) -> None
     async with engine.begin() as conn:
         await conn.execute(
             text(
-                "UPDATE polyqueue_jobs SET status='succeeded', finished_at = now() - interval '2 hours' WHERE payload->>'n' = '0'"
+                "UPDATE polyqueue_jobs SET status='succeeded', finished_at = now() - interval '2 hours' "
+                "WHERE payload->>'n' = '0'"
             )
         )
         await conn.execute(

@@ -188,20 +188,22 @@ def downgrade():
 USER_BASE = "a1a1a1a1a1a1"
 
 
-def _user_project(root: Path) -> Path:
+def _user_project(root: Path, polyqueue_location: str) -> Path:
     """A user's Alembic project with its own history, plus polyqueue's versions."""
     (root / "migrations" / "versions").mkdir(parents=True)
     (root / "myapp_models.py").write_text(_USER_MODELS)
     (root / "migrations" / "env.py").write_text(_USER_ENV)
     (root / "migrations" / "script.py.mako").write_text(_USER_TEMPLATE)
     (root / "migrations" / "versions" / f"{USER_BASE}_user_orders.py").write_text(_USER_REVISION)
-    locations = os.pathsep.join(["%(here)s/migrations/versions", VERSION_LOCATION.replace("%", "%%")])
     ini = root / "alembic.ini"
     ini.write_text(
         "[alembic]\n"
         "script_location = %(here)s/migrations\n"
-        f"version_locations = {locations}\n"
-        "path_separator = os\n"
+        # newline-separated: the package:resource form contains a colon
+        "path_separator = newline\n"
+        "version_locations =\n"
+        "    %(here)s/migrations/versions\n"
+        f"    {polyqueue_location.replace('%', '%%')}\n"
         "prepend_sys_path = %(here)s\n"
     )
     return ini
@@ -215,7 +217,8 @@ def _user_revision_text(root: Path, rev: str) -> str:
 
 
 async def test_user_project_upgrade_heads_and_autogenerate(tmp_path: Path, db: URL, db_engine: AsyncEngine) -> None:
-    ini = _user_project(tmp_path)
+    # polyqueue's versions named as a package resource, wherever it is installed.
+    ini = _user_project(tmp_path, "polyqueue.migrations:versions")
 
     await _alembic(tmp_path, ini, "upgrade", "heads", url=db)
     assert await _tables(db_engine) == {"user_orders", "alembic_version"} | POLYQUEUE_TABLES
@@ -239,7 +242,7 @@ async def test_user_project_upgrade_heads_and_autogenerate(tmp_path: Path, db: U
 
 
 async def test_user_project_downgrade_polyqueue_branch_only(tmp_path: Path, db: URL, db_engine: AsyncEngine) -> None:
-    ini = _user_project(tmp_path)
+    ini = _user_project(tmp_path, VERSION_LOCATION)  # the absolute path this time
     await _alembic(tmp_path, ini, "upgrade", "heads", url=db)
 
     await _alembic(tmp_path, ini, "downgrade", "polyqueue@base", url=db)
@@ -276,12 +279,36 @@ async def test_standalone_upgrade_current_downgrade(db: URL, db_engine: AsyncEng
     assert await _tables(db_engine) == {"alembic_version"}
     assert await _rows(db_engine, "SELECT version_num FROM alembic_version") == [("usersrev0001",)]
     await downgrade(db)  # already at base: a no-op
+    assert await _tables(db_engine) == {"alembic_version"}
+
+
+async def _upgrade_in_subprocess(url: URL) -> None:
+    code = "import asyncio, sys; from polyqueue.migrations import upgrade; asyncio.run(upgrade(sys.argv[1]))"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, services.url_str(url),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
 
 
 async def test_standalone_concurrent_upgrades(db: URL) -> None:
-    """Several processes starting at once (workers, relay) all succeed, one migrates."""
-    await asyncio.gather(*(upgrade(db) for _ in range(4)))
+    """Several processes starting at once (workers, relays) all succeed; one migrates."""
+    await asyncio.gather(*(_upgrade_in_subprocess(db) for _ in range(3)))
     assert await current(db) == HEADS
+
+
+async def test_standalone_several_databases_in_one_loop(db: URL) -> None:
+    """Interleaved in one event loop, each upgrade keeps to its own connection."""
+    other = await services.create_database(prefix="pqmig")
+    try:
+        await asyncio.gather(upgrade(db), upgrade(other), upgrade(db))
+        assert await current(db) == await current(other) == HEADS
+        await asyncio.gather(downgrade(db), downgrade(other))
+        assert await current(db) == await current(other) == []
+    finally:
+        await services.drop_database(other)
 
 
 async def test_standalone_on_caller_connection(db_engine: AsyncEngine) -> None:

@@ -17,7 +17,9 @@ runs inside ``AsyncConnection.run_sync``.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,7 +61,22 @@ _TABLES = ("polyqueue_jobs", "polyqueue_workers")
 # waits, then finds the schema at head and does nothing.
 _LOCK_SQL = text("SELECT pg_advisory_xact_lock(hashtext('polyqueue.migrations'))")
 
-Target = AsyncEngine | AsyncConnection | str | URL
+_Target = AsyncEngine | AsyncConnection | str | URL
+
+# Alembic installs ``alembic.context`` and ``alembic.op`` as process-global proxies
+# for the duration of a command. run_sync yields to the event loop at every query,
+# so two commands interleaved in one loop (upgrades of two databases under
+# asyncio.gather) would run each other's operations on the wrong connection.
+# One lock per event loop serialises them.
+_command_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _command_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _command_locks.get(loop)
+    if lock is None:
+        lock = _command_locks[loop] = asyncio.Lock()
+    return lock
 
 
 def _config(connection: Connection | None = None, output: io.StringIO | None = None) -> Config:
@@ -74,7 +91,7 @@ def _config(connection: Connection | None = None, output: io.StringIO | None = N
 
 
 @asynccontextmanager
-async def _connection(target: Target) -> AsyncIterator[AsyncConnection]:
+async def _connection(target: _Target) -> AsyncIterator[AsyncConnection]:
     """A connection in a transaction that commits on success.
 
     An ``AsyncConnection`` given by the caller is used as is: the work joins the
@@ -129,31 +146,32 @@ def _downgrade_sync(connection: Connection, revision: str) -> None:
         connection.execute(text(f'DROP TABLE IF EXISTS "{VERSION_TABLE}"'))
 
 
-async def upgrade(target: Target, revision: str = "heads") -> None:
+async def upgrade(target: _Target, revision: str = "heads") -> None:
     """Upgrade polyqueue's tables to ``revision`` (default: the newest), standalone.
 
     ``target`` is an ``AsyncEngine``, a database URL (any ``postgresql`` driver;
     asyncpg is used), or an ``AsyncConnection`` whose transaction the caller
-    commits. Idempotent, and safe to run from several processes at once.
+    commits. Idempotent, and safe to run from several processes at once, or on
+    several databases at once in one event loop (not from several threads).
 
     Raises ``ConfigurationError`` when polyqueue's tables exist but were not
     created by this path (for instance by your own Alembic history).
     """
-    async with _connection(target) as conn:
+    async with _command_lock(), _connection(target) as conn:
         await conn.run_sync(_upgrade_sync, revision)
 
 
-async def downgrade(target: Target, revision: str = "base") -> None:
+async def downgrade(target: _Target, revision: str = "base") -> None:
     """Downgrade polyqueue's tables to ``revision``, standalone.
 
     The default, ``"base"``, drops polyqueue's tables and its version table and
     touches nothing else in the database.
     """
-    async with _connection(target) as conn:
+    async with _command_lock(), _connection(target) as conn:
         await conn.run_sync(_downgrade_sync, revision)
 
 
-async def current(target: Target) -> list[str]:
+async def current(target: _Target) -> list[str]:
     """The polyqueue revision(s) the standalone path has applied; ``[]`` if none.
 
     Reads ``polyqueue_alembic_version`` only: when polyqueue's revisions run inside
