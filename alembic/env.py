@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import os
 
+from alembic import context
 from alembic.runtime.environment import NameFilterParentNames, NameFilterType
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
 from polyqueue.db import asyncpg_url
 from polyqueue.migrations import VERSION_TABLE
 from polyqueue.models import metadata

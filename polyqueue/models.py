@@ -102,6 +102,8 @@ class Job(Base):
             "run_at",
             postgresql_where=text("status = 'pending'"),
         ),
+        # The relay and multi-queue claims: all queues' dispatchable rows in claim order.
+        Index("ix_polyqueue_jobs_due", "priority", "run_at", postgresql_where=text("status = 'pending'")),
         # Maintenance: running jobs past their time limit, and the jobs a worker holds.
         Index("ix_polyqueue_jobs_timeout", "timeout_at", postgresql_where=text("status = 'running'")),
         Index("ix_polyqueue_jobs_worker", "worker_id", postgresql_where=text("status = 'running'")),

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["QueueBackend", "Settings"]
 
@@ -30,7 +30,10 @@ class Settings(BaseSettings):
     queue_backend: QueueBackend = Field(default="postgres", description="How deliveries travel (the broker).")
     broker_url: str | None = Field(default=None, description="The broker's URL, for brokers that take one.")
 
-    queues: list[str] = Field(default_factory=lambda: ["default"], description="Queues a worker serves.")
+    # NoDecode: POLYQUEUE_QUEUES=a,b is split by the validator below, not parsed as JSON.
+    queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["default"], description="Queues a worker serves."
+    )
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Jobs run at once per worker process.")
     poll_interval: float = Field(default=1.0, gt=0, description="Seconds between polls when NOTIFY is silent.")
     completion_flush_interval: float = Field(
@@ -71,6 +74,6 @@ class Settings(BaseSettings):
     @field_validator("queues", mode="before")
     @classmethod
     def _split_queues(cls, value: object) -> object:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [q.strip() for q in value.split(",") if q.strip()]
+        if isinstance(value, str):
+            return [q.strip() for q in value.strip("[] ").replace('"', "").split(",") if q.strip()]
         return value

@@ -52,6 +52,13 @@ async def test_claim_and_maintenance_queries_use_partial_indexes(engine: AsyncEn
     assert "ix_polyqueue_jobs_dispatch" in claim
     assert "Seq Scan" not in claim
 
+    relay = await _plan(
+        engine,
+        "SELECT id, queue FROM polyqueue_jobs WHERE status = 'pending' AND run_at <= now() "
+        "ORDER BY priority, run_at LIMIT 500 FOR UPDATE SKIP LOCKED",
+    )
+    assert "ix_polyqueue_jobs_due" in relay and "Seq Scan" not in relay
+
     timeout = await _plan(engine, "SELECT id FROM polyqueue_jobs WHERE status = 'running' AND timeout_at < now()")
     # either partial index over running rows serves; what matters is never reading the finished ones
     assert (

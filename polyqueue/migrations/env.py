@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 
+from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from alembic import context
 from polyqueue.db import asyncpg_url
 from polyqueue.migrations import VERSION_TABLE
 from polyqueue.models import metadata

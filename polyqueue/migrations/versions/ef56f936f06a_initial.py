@@ -17,9 +17,8 @@ import datetime as dt
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
 revision: str = "ef56f936f06a"
@@ -81,6 +80,13 @@ def upgrade() -> None:
         op.f("ix_polyqueue_jobs_dispatch"),
         "polyqueue_jobs",
         ["queue", "priority", "run_at"],
+        postgresql_where=sa.text("status = 'pending'"),
+    )
+    # The relay and multi-queue claims: all queues' dispatchable rows in claim order.
+    op.create_index(
+        op.f("ix_polyqueue_jobs_due"),
+        "polyqueue_jobs",
+        ["priority", "run_at"],
         postgresql_where=sa.text("status = 'pending'"),
     )
     # Maintenance: running jobs past their time limit, and the jobs a worker holds.
