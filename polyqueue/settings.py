@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["QueueBackend", "Settings"]
@@ -77,3 +77,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [q.strip() for q in value.strip("[] ").replace('"', "").split(",") if q.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _liveness_is_consistent(self) -> Settings:
+        if self.worker_dead_after < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"worker_dead_after ({self.worker_dead_after}s) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}s), or live workers would be declared dead"
+            )
+        return self

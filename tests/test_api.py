@@ -96,6 +96,8 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Polyqueue(concurrency=3).settings.concurrency == 3
     with pytest.raises(ValueError):
         Polyqueue(queue_backend="kafka")
+    with pytest.raises(ValueError, match="twice heartbeat_interval"):
+        Polyqueue(heartbeat_interval=10, worker_dead_after=15)
 
 
 def test_backoff_grows_and_is_capped() -> None:
