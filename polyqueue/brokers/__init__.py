@@ -18,4 +18,18 @@ def make_broker(settings: Settings) -> Broker | None:
         from polyqueue.brokers.memory import MemoryBroker
 
         return MemoryBroker()
+    if backend == "redis":
+        if not settings.broker_url:
+            raise ConfigurationError(
+                "queue_backend 'redis' needs broker_url (POLYQUEUE_BROKER_URL=redis://host:6379/0)"
+            )
+        try:
+            from polyqueue.brokers.redis import RedisBroker
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.partition(".")[0] != "redis":
+                raise
+            raise ConfigurationError(
+                "queue_backend 'redis' needs the redis extra: pip install 'polyqueue[redis]'"
+            ) from exc
+        return RedisBroker(settings.broker_url, lease_seconds=settings.lease_seconds)
     raise ConfigurationError(f"queue_backend {backend!r} is not available in this version of polyqueue")

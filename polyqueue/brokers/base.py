@@ -46,6 +46,7 @@ class Capabilities:
     lease: bool = True  # deliveries not acked within a lease are redelivered
     delayed_release: bool = True  # release(delay>0) holds the message back
     survives_restart: bool = True  # messages outlive the process
+    dead_letter: bool = False  # deliveries received too often are moved aside, not redelivered forever
 
 
 @runtime_checkable
@@ -65,7 +66,10 @@ class Broker(Protocol):
         """Up to ``max_messages`` deliveries, waiting at most ``wait`` seconds for the first."""
 
     async def extend(self, delivery: Delivery, seconds: float) -> None:
-        """Keep ``delivery`` leased for ``seconds`` more; ``LeaseLostError`` if it is no longer ours."""
+        """Keep ``delivery`` leased for ``seconds`` more; ``LeaseLostError`` if it is no longer ours.
+
+        ``seconds`` beyond the adapter's configured lease is not guaranteed (Redis caps it).
+        """
 
     async def ack(self, delivery: Delivery) -> None:
         """Remove the delivery for good."""

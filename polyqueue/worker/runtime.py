@@ -104,9 +104,9 @@ class Worker:
         await self.listener.start()
         self.completer.start()
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
+        if self.broker is not None:
+            await self.broker.ensure(self.queues)
         if self.relay is not None:
-            if self.broker is not None:
-                await self.broker.ensure(self.queues)
             self._background.append(asyncio.create_task(self.relay.run(self._stopping), name="polyqueue-relay"))
         if self.maintenance is not None:
             self._background.append(
@@ -217,7 +217,7 @@ class Worker:
             if ctx is not None and ctx.session_used:
                 await self._complete_in_session(ctx, outcome, claim)
             else:
-                self.completer.add(outcome, lambda o, ok: self._after_write(claim, o, ok))
+                self.completer.add(outcome, lambda _o, _ok: self.source.done(claim))
             self.processed += 1
         finally:
             if ctx is not None and ctx.session_used:
@@ -230,13 +230,13 @@ class Worker:
                 written = await job_complete_many(session, [outcome])
                 if outcome.job_id in written:
                     await session.commit()
-                    await self._after_write(claim, outcome, True)
+                    await self.source.done(claim)
                     return
                 await session.rollback()
                 log.warning(
                     "job %s: lost ownership before commit; the handler's writes were rolled back", outcome.job_id
                 )
-                await self._after_write(claim, outcome, False)
+                await self.source.done(claim)
                 return
             except Exception as exc:
                 with contextlib.suppress(Exception):
@@ -247,13 +247,7 @@ class Worker:
         else:
             with contextlib.suppress(Exception):
                 await session.rollback()  # the handler failed: its writes go with it
-        self.completer.add(outcome, lambda o, ok: self._after_write(claim, o, ok))
-
-    async def _after_write(self, claim: Claim, outcome: Outcome, written: bool) -> None:
-        if outcome.status == "pending" and written:
-            await self.source.give_back(claim, outcome.delay)
-        else:
-            await self.source.done(claim)
+        self.completer.add(outcome, lambda _o, _ok: self.source.done(claim))
 
     # -- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -292,4 +286,4 @@ class Worker:
         except Exception as exc:
             log.error("handing back %d jobs failed (%s); maintenance will rescue them", len(claims), exc)
         for c in claims:
-            await self.source.give_back(c)
+            await self.source.done(c)

@@ -43,8 +43,6 @@ class JobSource(Protocol):
 
     async def done(self, claim: Claim) -> None: ...
 
-    async def give_back(self, claim: Claim, delay: float = 0.0) -> None: ...
-
     def keepalive(self, claim: Claim) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     async def close(self) -> None: ...
@@ -81,9 +79,6 @@ class DirectSource:
 
     async def done(self, claim: Claim) -> None:
         return None
-
-    async def give_back(self, claim: Claim, delay: float = 0.0) -> None:
-        return None  # the row itself goes back to pending; nothing else holds the job
 
     @contextlib.asynccontextmanager
     async def keepalive(self, claim: Claim) -> AsyncIterator[None]:
@@ -139,16 +134,13 @@ class BrokerSource:
             log.warning("ack of delivery %s failed: %s", delivery.job_id, exc)
 
     async def done(self, claim: Claim) -> None:
+        """The attempt is over in Postgres (finished, retried or handed back): drop the delivery.
+
+        A job that goes back to ``pending`` (retry, shutdown hand-back) is published anew by
+        the relay when it is due; releasing the old delivery as well would deliver it twice.
+        """
         if claim.delivery is not None:
             await self._ack_quietly(claim.delivery)
-
-    async def give_back(self, claim: Claim, delay: float = 0.0) -> None:
-        if claim.delivery is None:
-            return
-        try:
-            await self._broker.release(claim.delivery, delay)
-        except BrokerError as exc:  # the job row is pending again; the relay publishes it anew
-            log.warning("release of delivery %s failed: %s", claim.delivery.job_id, exc)
 
     @contextlib.asynccontextmanager
     async def keepalive(self, claim: Claim) -> AsyncIterator[None]:

@@ -1,0 +1,421 @@
+"""Redis Streams broker: one stream per queue, read through one consumer group.
+
+Keys (``P`` = ``key_prefix``, ``Q`` = queue): ``P:Q`` the stream, ``P:Q:delayed`` a
+sorted set of bodies released with a delay (scored by due time, in ms of the
+server's clock), ``P:Q:dead`` the dead-letter stream. Every step that must check
+and change state together is one Lua script, so it is atomic on the server:
+
+* receive: move due delayed bodies into the stream, ``XAUTOCLAIM`` entries idle
+  past the lease (crash recovery; dead-letter those delivered too often), then a
+  blocking ``XREADGROUP >`` over all the queues' streams.
+* extend / ack / release first check with ``XPENDING`` that this consumer still
+  owns the entry: ``XACK`` alone would ack an entry another consumer reclaimed.
+
+Trimming (``XADD MAXLEN ~``) can drop an un-acked entry; that loses one delivery,
+which the maintenance loop's re-dispatch backstop replaces (Postgres is the truth).
+See docs/brokers/redis.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from polyqueue.brokers.base import Capabilities, Delivery, Message, decode_message, encode_message
+from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger("polyqueue.brokers.redis")
+
+T = TypeVar("T")
+
+#: Options read from the URL's query string (removed before redis-py sees the URL).
+URL_OPTIONS = ("group", "consumer", "maxlen", "dead_letter_after", "key_prefix")
+#: Longest single ``XREADGROUP BLOCK``: stays under redis-py's socket timeout (5 s by
+#: default) and bounds how late a due delayed message or an expired lease is noticed.
+MAX_BLOCK_SECONDS = 2.0
+#: Delayed bodies moved into the stream per queue and receive call.
+PROMOTE_BATCH = 1000
+
+_TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.TryAgainError, rex.ClusterDownError)
+
+# Shared by every script. KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id.
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function owned()
+  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+  return type(p) == 'table' and p.err == nil and #p > 0 and p[1][2] == ARGV[2]
+end
+"""
+_SCRIPTS = {
+    # ARGV[4] idle ms to set: the lease then ends ``lease - idle`` ms from now.
+    "extend": """
+if not owned() then return 0 end
+return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
+""",
+    "ack": """
+if not owned() then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+""",
+    # KEYS[2] delayed zset; ARGV[4] body, ARGV[5] delay ms, ARGV[6] maxlen.
+    "release": """
+if not owned() then return 0 end
+if tonumber(ARGV[5]) > 0 then
+  redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[5]), ARGV[4])
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'body', ARGV[4])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+""",
+    # KEYS: stream, delayed, dead. ARGV: group, consumer, min idle ms, cursor, count, dead_letter_after, maxlen,
+    # promote batch. Returns {next cursor, {{id, fields, deliveries}...}, {dead-lettered ids}, ms to next due}.
+    "take": """
+local now = now_ms()
+for _, body in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[8])) do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[7], '*', 'body', body)
+  redis.call('ZREM', KEYS[2], body)
+end
+local next_due = -1
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if #first > 0 then next_due = math.max(0, tonumber(first[2]) - now) end
+-- 3 elements since Redis 7 (with deleted ids), 2 on 6.2; only the first two are used
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local live, dead = {}, {}
+for _, e in ipairs(r[2]) do
+  if type(e) == 'table' and type(e[2]) == 'table' then  -- 6.2 returns nil for a deleted entry
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    local n = 1
+    if #p > 0 then n = p[1][4] end
+    if n > tonumber(ARGV[6]) then
+      local f = {}
+      for i, v in ipairs(e[2]) do f[i] = v end
+      for _, v in ipairs({'source_id', e[1], 'deliveries', n}) do f[#f + 1] = v end
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', unpack(f))
+      redis.call('XACK', KEYS[1], ARGV[1], e[1])
+      redis.call('XDEL', KEYS[1], e[1])
+      dead[#dead + 1] = e[1]
+    else
+      live[#live + 1] = {e[1], e[2], n}
+    end
+  end
+end
+return {r[1], live, dead, next_due}
+""",
+    # On close, forget this consumer, but only while it holds no pending entry (DELCONSUMER drops them).
+    "forget": """
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if type(p) == 'table' and p.err == nil and #p == 0 then
+  redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return 0
+""",
+}
+
+
+class RedisBroker:
+    """Deliveries on Redis Streams with a consumer group (``queue_backend="redis"``).
+
+    ``url`` is a ``redis://``, ``rediss://`` or ``unix://`` URL; its query string may
+    also carry ``group``, ``consumer``, ``maxlen``, ``dead_letter_after`` and
+    ``key_prefix``, which override the keyword arguments. ``lease_seconds`` must be
+    the same for every worker: a consumer reclaims entries idle past *its* lease.
+    """
+
+    name = "redis"
+    capabilities = Capabilities(lease=True, delayed_release=True, survives_restart=True, dead_letter=True)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        group: str = "polyqueue",
+        consumer: str | None = None,
+        lease_seconds: float = 30.0,
+        maxlen: int = 100_000,
+        dead_letter_after: int = 20,
+        key_prefix: str = "polyqueue",
+    ) -> None:
+        url, options = _split_url(url)
+        self.group = options.get("group", group)
+        self.consumer = options.get("consumer", consumer) or _default_consumer()
+        self.key_prefix = options.get("key_prefix", key_prefix)
+        self.maxlen = _int_option(options, "maxlen", maxlen)
+        self.dead_letter_after = _int_option(options, "dead_letter_after", dead_letter_after)
+        self.lease_seconds = lease_seconds
+        if lease_seconds <= 0 or self.maxlen < 1 or self.dead_letter_after < 1:
+            raise ConfigurationError("redis broker: lease_seconds must be > 0, maxlen and dead_letter_after >= 1")
+        if not self.group or not self.key_prefix or not self.consumer:
+            raise ConfigurationError("redis broker: group, consumer and key_prefix must not be empty")
+        self.url = _mask(url)
+        parts = urlsplit(url)
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3)
+        try:  # protocol=2: the stream replies are parsed below in their RESP2 shape
+            self._where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+            self._redis = aioredis.Redis.from_url(url, protocol=2, retry=retry)
+        except ValueError as exc:
+            raise ConfigurationError(f"not a Redis URL: {self.url} ({exc})") from None
+        timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
+        self._max_block = min(MAX_BLOCK_SECONDS, lease_seconds / 2, float(timeout or 5.0) / 2)
+        self._scripts = {name: self._redis.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
+        self._groups: set[str] = set()  # queues whose group this broker created or found
+        self._cursors: dict[str, bytes] = {}  # XAUTOCLAIM scan position per queue
+        self._closing = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({self.url!r}, group={self.group!r}, consumer={self.consumer!r})"
+
+    def stream(self, queue: str) -> str:
+        """The stream key of ``queue``."""
+        return f"{self.key_prefix}:{queue}"
+
+    # -- the contract ----------------------------------------------------------------------------
+    async def ensure(self, queues: Sequence[str]) -> None:
+        """Create each queue's stream and consumer group (``XGROUP CREATE ... 0 MKSTREAM``)."""
+        if not queues:
+            return
+        with self._mapped("ensure"):
+            pipe = self._redis.pipeline(transaction=False)
+            for q in queues:
+                pipe.xgroup_create(self.stream(q), self.group, id="0", mkstream=True)
+            results = await pipe.execute(raise_on_error=False)
+        for q, res in zip(queues, results, strict=True):
+            if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
+                raise self._error("ensure", res) from res
+            self._groups.add(q)
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """``XADD`` every message in one pipelined round trip, trimming each stream to ~maxlen."""
+        if not messages:
+            return
+        with self._mapped("publish"):
+            pipe = self._redis.pipeline(transaction=False)
+            for m in messages:
+                pipe.xadd(self.stream(m.queue), {"body": encode_message(m)}, maxlen=self.maxlen, approximate=True)
+            await pipe.execute()
+
+    async def receive(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
+        """Reclaimed (lease expired) entries first, then new ones, waiting up to ``wait`` for any."""
+        if self._closing.is_set() or not queues or max_messages < 1:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait, 0.0)
+        while True:
+            step = functools.partial(self._pass, queues, max_messages, deadline - loop.time())
+            out = await self._with_groups("receive", queues, step)
+            if out is None:  # closed while blocked
+                return []
+            if len(out) > max_messages:  # XAUTOCLAIM/XREADGROUP COUNT is per stream: hand the surplus back
+                for d in out[max_messages:]:
+                    await self.release(d)
+                del out[max_messages:]
+            if out or deadline - loop.time() <= 0 or self._closing.is_set():
+                return out
+
+    async def extend(self, delivery: Delivery, seconds: float) -> None:
+        """Reset the entry's idle time (``XCLAIM ... JUSTID`` to itself) if this consumer still owns it.
+
+        The lease then ends ``min(seconds, lease_seconds)`` from now: a longer one cannot
+        be expressed, since other consumers reclaim entries idle past ``lease_seconds``.
+        """
+        idle_ms = max(0, round((self.lease_seconds - seconds) * 1000))
+        if not await self._owned_call("extend", delivery, idle_ms):
+            raise LeaseLostError(f"redis entry {delivery.handle} of queue {delivery.queue!r} is no longer ours")
+
+    async def ack(self, delivery: Delivery) -> None:
+        """``XACK`` + ``XDEL``, only while this consumer owns the entry; otherwise a logged no-op."""
+        if not await self._owned_call("ack", delivery):
+            log.info("ack of redis entry %s (queue %r) skipped: not ours any more", delivery.handle, delivery.queue)
+
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
+        """Re-add the body now (a fresh entry) or after ``delay`` (the delayed set), dropping the old entry."""
+        body = encode_message(Message(delivery.job_id, delivery.queue)) if delivery.job_id else _raw(delivery)
+        delay_ms = max(0, round(delay * 1000))
+        if not await self._owned_call("release", delivery, body, delay_ms, self.maxlen):
+            log.info("release of redis entry %s (queue %r) skipped: not ours any more", delivery.handle, delivery.queue)
+
+    async def close(self) -> None:
+        """Return any blocked receive, forget this consumer where it holds nothing, close the pool."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        with contextlib.suppress(BrokerError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                with self._mapped("close"):
+                    for q in sorted(self._groups):
+                        await self._scripts["forget"](keys=[self.stream(q)], args=[self.group, self.consumer])
+        await self._redis.aclose()
+
+    # -- internals -------------------------------------------------------------------------------
+    async def _take_all(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float]:
+        """Promote due delayed bodies and reclaim expired leases on every queue, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for q in queues:
+            keys = [self.stream(q), f"{self.stream(q)}:delayed", f"{self.stream(q)}:dead"]
+            lease_ms = round(self.lease_seconds * 1000)
+            cursor = self._cursors.get(q, b"0-0")
+            args: list[Any] = [self.group, self.consumer, lease_ms, cursor, limit, self.dead_letter_after, self.maxlen]
+            await self._scripts["take"](keys=keys, args=[*args, PROMOTE_BATCH], client=pipe)
+        replies: list[Any] = await pipe.execute()
+        out: list[Delivery] = []
+        next_due = float("inf")
+        for q, (cursor, live, dead, due_ms) in zip(queues, replies, strict=True):
+            self._cursors[q] = cursor
+            if due_ms >= 0:
+                next_due = min(next_due, due_ms / 1000)
+            for entry_id in dead:
+                log.error("redis entry %s of queue %r dead-lettered after too many deliveries", _s(entry_id), q)
+            for entry_id, fields, count in live:
+                out.append(self._delivery(q, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)), count))
+        return out, next_due
+
+    async def _pass(self, queues: Sequence[str], limit: int, left: float) -> list[Delivery] | None:
+        """Reclaim and promote, then read new entries, blocking up to ``left`` seconds if nothing came back."""
+        out, next_due = await self._take_all(queues, limit)
+        block = None if out else min(left, self._max_block, next_due)
+        read = await self._read(queues, limit - len(out), block)
+        return None if read is None else out + read
+
+    async def _read(self, queues: Sequence[str], count: int, block: float | None) -> list[Delivery] | None:
+        """One ``XREADGROUP >`` over all the queues; None when the broker closed meanwhile."""
+        if count < 1:
+            return []
+        by_key = {self.stream(q).encode(): q for q in queues}
+        ms = None if block is None or block <= 0 else max(1, round(block * 1000))
+        call = self._redis.xreadgroup(self.group, self.consumer, dict.fromkeys(by_key, ">"), count=count, block=ms)
+        reply: Any = await (call if ms is None else self._unless_closed(call))
+        if reply is _CLOSED:
+            return None
+        out: list[Delivery] = []
+        for key, entries in reply or []:
+            for entry_id, fields in entries:
+                if fields is not None:
+                    out.append(self._delivery(by_key[key], entry_id, fields, 1))
+        return out
+
+    async def _unless_closed(self, call: Awaitable[T]) -> T | object:
+        """Await ``call`` unless ``close()`` comes first (then cancel it: redis-py drops that connection)."""
+        work = asyncio.ensure_future(call)
+        closed = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (work, closed):
+                t.cancel()
+            await asyncio.gather(work, closed, return_exceptions=True)
+        return _CLOSED if work.cancelled() else work.result()
+
+    def _delivery(self, queue: str, entry_id: bytes | str, fields: dict[Any, Any], count: int) -> Delivery:
+        handle = _s(entry_id)
+        body = fields.get(b"body", fields.get("body"))
+        if body is None:
+            return Delivery(None, queue, handle, count, error="stream entry without a 'body' field")
+        delivery = decode_message(body, queue=queue, handle=handle, delivery_count=count)
+        if delivery.job_id is None:
+            delivery.extra["body"] = body
+        return delivery
+
+    async def _owned_call(self, op: str, delivery: Delivery, *args: Any) -> bool:
+        """Run the ``op`` script on the delivery's entry; False when this consumer does not own it."""
+        if delivery.handle is None:
+            return False
+        keys = [self.stream(delivery.queue), f"{self.stream(delivery.queue)}:delayed"]
+        argv: list[Any] = [self.group, self.consumer, delivery.handle, *args]
+        with self._mapped(op):
+            return bool(await self._scripts[op](keys=keys, args=argv))
+
+    async def _with_groups(self, op: str, queues: Sequence[str], call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call`` with the queues' groups in place; re-create them once on NOGROUP (data lost)."""
+        for attempt in (0, 1):
+            missing = [q for q in queues if q not in self._groups]
+            if missing:
+                await self.ensure(missing)
+            try:
+                return await call()
+            except rex.ResponseError as exc:
+                if attempt or "NOGROUP" not in str(exc):
+                    raise self._error(op, exc) from exc
+                log.warning("redis consumer group missing on %s (server restarted empty?); re-creating", self._where)
+                self._groups.difference_update(queues)
+                self._cursors.clear()
+            except rex.RedisError as exc:
+                raise self._error(op, exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def _mapped(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except rex.RedisError as exc:
+            raise self._error(op, exc) from exc
+
+    def _error(self, op: str, exc: BaseException) -> BrokerError:
+        transient = isinstance(exc, _TRANSIENT) and not isinstance(exc, rex.AuthenticationError)
+        return BrokerError(f"redis {op} at {self._where} failed: {exc}", transient=transient)
+
+
+_CLOSED = object()
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _raw(delivery: Delivery) -> bytes | str:
+    body = delivery.extra.get("body")
+    return body if isinstance(body, bytes | str) else b""
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without polyqueue's query options (nor ``protocol``, ``decode_responses``), and those options."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(f"the redis broker needs a redis://, rediss:// or unix:// URL, got {parts.scheme!r}")
+    keep: list[tuple[str, str]] = []
+    ours: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in URL_OPTIONS:
+            ours[key] = value
+        elif key not in ("protocol", "decode_responses"):  # the replies are parsed as RESP2 bytes
+            keep.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(keep))), ours
+
+
+def _int_option(options: dict[str, str], key: str, default: int) -> int:
+    try:
+        return int(options.get(key, default))
+    except ValueError:
+        raise ConfigurationError(f"redis broker URL option {key}={options[key]!r} is not an integer") from None
+
+
+def _mask(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
