@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from polyqueue._aio import wait_any
 from polyqueue.brokers.base import Broker
 from polyqueue.context import JobContext
+from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.maintenance.service import Maintenance
 from polyqueue.queries import (
@@ -105,7 +106,7 @@ class Worker:
         self.completer.start()
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
         if self.broker is not None:
-            await self.broker.ensure(self.queues)
+            self._background.append(asyncio.create_task(self._ensure_queues(self.broker), name="polyqueue-ensure"))
         if self.relay is not None:
             self._background.append(asyncio.create_task(self.relay.run(self._stopping), name="polyqueue-relay"))
         if self.maintenance is not None:
@@ -138,6 +139,18 @@ class Worker:
                 broker=self.broker.name if self.broker else "postgres",
                 concurrency=self.concurrency,
             )
+
+    async def _ensure_queues(self, broker: Broker) -> None:
+        """Create the broker's queues, retrying while the broker is down (the worker runs meanwhile)."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await broker.ensure(self.queues)
+                return
+            except BrokerError as exc:
+                log.error("broker %s unreachable (%s); retrying in %.1fs", broker.name, exc, delay)
+                await wait_any(self._stopping, seconds=delay)
+                delay = min(delay * 2, 30.0)
 
     async def _heartbeat_loop(self) -> None:
         while not self._stopping.is_set():
