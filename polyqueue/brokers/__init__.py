@@ -1,12 +1,26 @@
-"""Broker adapters. ``make_broker`` picks one from settings (the composition root's job)."""
+"""Broker adapters. ``make_broker`` picks one from settings (the composition root's job).
+
+Each adapter module exposes ``create(config: BrokerConfig) -> Broker`` and is imported
+only when chosen, so its SDK stays an optional extra.
+"""
 
 from __future__ import annotations
 
-from polyqueue.brokers.base import Broker, Capabilities, Delivery, Message
+import importlib
+
+from polyqueue.brokers.base import Broker, BrokerConfig, Capabilities, Delivery, Message
 from polyqueue.errors import ConfigurationError
 from polyqueue.settings import Settings
 
-__all__ = ["Broker", "Capabilities", "Delivery", "Message", "make_broker"]
+__all__ = ["Broker", "BrokerConfig", "Capabilities", "Delivery", "Message", "make_broker"]
+
+#: queue_backend → (adapter module, the SDK's top-level package, the pip extra)
+ADAPTERS: dict[str, tuple[str, str, str]] = {
+    "redis": ("polyqueue.brokers.redis", "redis", "redis"),
+    "sqs": ("polyqueue.brokers.sqs", "aiobotocore", "sqs"),
+    "pgmq": ("polyqueue.brokers.pgmq", "pgmq", "pgmq"),
+    "azure_service_bus": ("polyqueue.brokers.servicebus", "azure", "azure"),
+}
 
 
 def make_broker(settings: Settings) -> Broker | None:
@@ -18,18 +32,21 @@ def make_broker(settings: Settings) -> Broker | None:
         from polyqueue.brokers.memory import MemoryBroker
 
         return MemoryBroker()
-    if backend == "redis":
-        if not settings.broker_url:
+    if backend not in ADAPTERS:
+        raise ConfigurationError(f"queue_backend {backend!r} is not available in this version of polyqueue")
+    module_name, sdk, extra = ADAPTERS[backend]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.partition(".")[0] == sdk:
             raise ConfigurationError(
-                "queue_backend 'redis' needs broker_url (POLYQUEUE_BROKER_URL=redis://host:6379/0)"
-            )
-        try:
-            from polyqueue.brokers.redis import RedisBroker
-        except ModuleNotFoundError as exc:
-            if exc.name is None or exc.name.partition(".")[0] != "redis":
-                raise
-            raise ConfigurationError(
-                "queue_backend 'redis' needs the redis extra: pip install 'polyqueue[redis]'"
+                f"queue_backend {backend!r} needs the {extra} extra: pip install 'polyqueue[{extra}]'"
             ) from exc
-        return RedisBroker(settings.broker_url, lease_seconds=settings.lease_seconds)
-    raise ConfigurationError(f"queue_backend {backend!r} is not available in this version of polyqueue")
+        if exc.name == module_name:
+            raise ConfigurationError(
+                f"queue_backend {backend!r} is not available in this version of polyqueue"
+            ) from exc
+        raise
+    config = BrokerConfig(settings.broker_url, settings.lease_seconds, settings.database_url)
+    broker: Broker = module.create(config)
+    return broker

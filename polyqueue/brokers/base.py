@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Broker", "Capabilities", "Delivery", "Message", "decode_message", "encode_message"]
+__all__ = ["Broker", "BrokerConfig", "Capabilities", "Delivery", "Message", "decode_message", "encode_message"]
 
 #: A message body larger than this is malformed by definition (ours are ~70 bytes).
 MAX_MESSAGE_BYTES = 4096
@@ -47,6 +47,15 @@ class Capabilities:
     delayed_release: bool = True  # release(delay>0) holds the message back
     survives_restart: bool = True  # messages outlive the process
     dead_letter: bool = False  # deliveries received too often are moved aside, not redelivered forever
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """What an adapter's ``create(config)`` gets from the settings (adapters never see Settings)."""
+
+    url: str | None
+    lease_seconds: float
+    database_url: str | None = None  # for brokers living in Postgres (PGMQ)
 
 
 @runtime_checkable

@@ -34,7 +34,7 @@ import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from polyqueue.brokers.base import Capabilities, Delivery, Message, decode_message, encode_message
+from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message, decode_message, encode_message
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
 __all__ = ["RedisBroker"]
@@ -419,3 +419,10 @@ def _mask(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def create(config: BrokerConfig) -> RedisBroker:
+    """The adapter for ``queue_backend="redis"`` (``broker_url`` is required)."""
+    if not config.url:
+        raise ConfigurationError("queue_backend 'redis' needs broker_url (POLYQUEUE_BROKER_URL=redis://host:6379/0)")
+    return RedisBroker(config.url, lease_seconds=config.lease_seconds)
