@@ -39,23 +39,39 @@ def describe_validation_error(exc: ValidationError) -> str:
     )
 
 
-def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+def _validated_model(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> BaseModel:
+    if isinstance(payload, spec.payload_model):
+        return payload
     try:
-        model = (
-            payload
-            if isinstance(payload, spec.payload_model)
-            else spec.payload_model.model_validate(payload.model_dump() if isinstance(payload, BaseModel) else payload)
-        )
+        data = payload.model_dump() if isinstance(payload, BaseModel) else payload
+        return spec.payload_model.model_validate(data)
     except ValidationError as exc:
         raise PayloadError(f"payload for task {spec.name!r} is invalid: {describe_validation_error(exc)}") from exc
-    data: dict[str, Any] = model.model_dump(mode="json")
-    size = len(to_json(data))
+
+
+def _check_size(spec: TaskSpec, size: int) -> None:
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"payload for task {spec.name!r} is {size} bytes; the limit is {MAX_PAYLOAD_BYTES} "
             "(store large data elsewhere and enqueue a reference)"
         )
+
+
+def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = _validated_model(spec, payload).model_dump(mode="json")
+    _check_size(spec, len(to_json(data)))
     return data
+
+
+def _resolve_run_at(run_at: dt.datetime | None, delay: float | dt.timedelta | None) -> dt.datetime | None:
+    if run_at is not None and delay is not None:
+        raise ValueError("pass run_at or delay, not both")
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
+        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+    if run_at is not None and run_at.tzinfo is None:
+        raise ValueError("run_at must be timezone-aware")
+    return run_at
 
 
 def _row(
@@ -73,13 +89,7 @@ def _row(
     meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     spec = resolve_task(all_tasks(), payload if isinstance(payload, BaseModel) else dict(payload), task)
-    if run_at is not None and delay is not None:
-        raise ValueError("pass run_at or delay, not both")
-    if delay is not None:
-        seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
-        run_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
-    if run_at is not None and run_at.tzinfo is None:
-        raise ValueError("run_at must be timezone-aware")
+    run_at = _resolve_run_at(run_at, delay)
     attempts = spec.max_attempts if max_attempts is None else max_attempts
     if attempts < 1:
         raise ValueError("max_attempts must be >= 1")
@@ -160,6 +170,25 @@ async def enqueue(
     raise RuntimeError(f"unique_key {unique_key!r} kept conflicting with jobs that finished at once")
 
 
+_INSERT_MANY = text(
+    """
+    WITH ins AS (
+        INSERT INTO polyqueue_jobs
+            (id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy, meta, run_at)
+        SELECT v.id, v.task, v.queue, v.payload::jsonb, v.priority, v.max_attempts, v.max_run_seconds,
+               v.timeout_strategy, CAST(:meta AS jsonb), coalesce(CAST(:run_at AS timestamptz), now())
+        FROM unnest(
+            CAST(:ids AS uuid[]), CAST(:tasks AS text[]), CAST(:queues AS text[]), CAST(:payloads AS text[]),
+            CAST(:priorities AS int[]), CAST(:max_attempts AS int[]), CAST(:max_run_seconds AS float8[]),
+            CAST(:timeout_strategies AS text[])
+        ) AS v(id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy)
+        RETURNING queue
+    )
+    SELECT pg_notify('polyqueue_new', queue) FROM (SELECT DISTINCT queue FROM ins) AS q
+    """
+)
+
+
 async def enqueue_many(
     session: AsyncSession,
     payloads: Sequence[BaseModel | Mapping[str, Any]],
@@ -172,31 +201,34 @@ async def enqueue_many(
     max_attempts: int | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> list[uuid.UUID]:
-    """Add many jobs in one INSERT statement and return their ids, in order. Does not commit."""
+    """Add many jobs with one INSERT statement and return their ids, in order. Does not commit.
+
+    Each payload is validated like :func:`enqueue`'s; the options apply to every job.
+    For idempotent enqueue with ``unique_key``, use :func:`enqueue`.
+    """
     if not payloads:
         return []
-    rows = [
-        _row(
-            p,
-            task=task,
-            queue=queue,
-            priority=priority,
-            run_at=run_at,
-            delay=delay,
-            max_attempts=max_attempts,
-            max_run_seconds=None,
-            timeout_strategy=None,
-            unique_key=None,
-            meta=meta,
-        )
-        for p in payloads
-    ]
-    now = dt.datetime.now(dt.UTC)
-    for row in rows:
-        if not isinstance(row["run_at"], dt.datetime):
-            row["run_at"] = now
-    queues = sorted({row["queue"] for row in rows})
-    await session.execute(insert(Job), rows)
-    for q in queues:
-        await session.execute(select(func.pg_notify(NEW_JOB_CHANNEL, q)))
-    return [row["id"] for row in rows]
+    when = _resolve_run_at(run_at, delay)
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError("max_attempts must be >= 1")
+    tasks = all_tasks()
+    columns: dict[str, list[Any]] = {
+        k: [] for k in ("ids", "tasks", "queues", "payloads", "priorities", "max_attempts", "max_run_seconds")
+    }
+    columns["timeout_strategies"] = []
+    for payload in payloads:
+        spec = resolve_task(tasks, payload if isinstance(payload, BaseModel) else dict(payload), task)
+        body = _validated_model(spec, payload).model_dump_json()
+        _check_size(spec, len(body))
+        columns["ids"].append(new_job_id())
+        columns["tasks"].append(spec.name)
+        columns["queues"].append(queue or spec.queue)
+        columns["payloads"].append(body)
+        columns["priorities"].append(spec.priority if priority is None else priority)
+        columns["max_attempts"].append(spec.max_attempts if max_attempts is None else max_attempts)
+        columns["max_run_seconds"].append(spec.max_run_seconds)
+        columns["timeout_strategies"].append(spec.timeout_strategy.value)
+    params = {**columns, "meta": to_json(dict(meta or {})).decode(), "run_at": when}
+    await session.execute(_INSERT_MANY, params)
+    ids: list[uuid.UUID] = columns["ids"]
+    return ids

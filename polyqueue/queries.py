@@ -87,20 +87,30 @@ _CLAIM_RETURNING = """
               j.timeout_strategy, j.meta, j.created_at, j.run_at, j.started_at, j.worker_id
 """
 
-_CLAIM_PENDING = text(  # constants joined, values bound
-    f"""
-    WITH c AS (
-        SELECT id FROM polyqueue_jobs
-        WHERE status = 'pending' AND queue = ANY(CAST(:queues AS text[])) AND run_at <= now()
-        ORDER BY priority, run_at
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
+
+def _claim_pending(queue_filter: str) -> Any:
+    return text(  # constants joined, values bound
+        f"""
+        WITH c AS (
+            SELECT id FROM polyqueue_jobs
+            WHERE status = 'pending' AND {queue_filter} AND run_at <= now()
+            ORDER BY priority, run_at
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE polyqueue_jobs j SET {_CLAIM_SET}
+        FROM c WHERE j.id = c.id
+        {_CLAIM_RETURNING}
+        """  # noqa: S608
     )
-    UPDATE polyqueue_jobs j SET {_CLAIM_SET}
-    FROM c WHERE j.id = c.id
-    {_CLAIM_RETURNING}
-    """  # noqa: S608
-)
+
+
+# One queue: equality walks ix_polyqueue_jobs_dispatch in claim order and stops at LIMIT.
+# With ANY() the planner cannot use that order and sorts the whole backlog (measured:
+# 12.4 ms against 0.56 ms for a 32-job claim beside 20,000 pending jobs).
+_CLAIM_ONE_QUEUE = _claim_pending("queue = :queue")
+# Several queues: ix_polyqueue_jobs_due gives the cross-queue claim order.
+_CLAIM_QUEUES = _claim_pending("queue = ANY(CAST(:queues AS text[]))")
 
 # A broker delivery names a job; it becomes an attempt only if the job is still
 # dispatchable. 'pending' is accepted too (the relay may have crashed between
@@ -123,7 +133,12 @@ async def job_claim_pending(
     conn: Executor, worker_id: uuid.UUID, queues: Sequence[str], limit: int
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` due pending jobs of ``queues`` (priority, then run_at)."""
-    result = await conn.execute(_CLAIM_PENDING, {"worker": worker_id, "queues": list(queues), "limit": limit})
+    if len(queues) == 1:
+        params: dict[str, Any] = {"worker": worker_id, "queue": queues[0], "limit": limit}
+        result = await conn.execute(_CLAIM_ONE_QUEUE, params)
+    else:
+        params = {"worker": worker_id, "queues": list(queues), "limit": limit}
+        result = await conn.execute(_CLAIM_QUEUES, params)
     return _claimed(result.all())
 
 
@@ -151,7 +166,12 @@ _COMPLETE_MANY = text(
             worker_id = CASE WHEN v.status = 'pending' THEN NULL ELSE j.worker_id END,
             timeout_at = NULL
         FROM v
-        WHERE j.id = v.id AND j.attempt = v.attempt AND j.worker_id = v.worker AND j.status = 'running'
+        -- (SELECT 'running') is an InitPlan parameter, so the planner cannot pick the
+        -- status = 'running' partial indexes here and joins on the primary key instead.
+        -- With a literal it chose ix_polyqueue_jobs_worker once statistics said "few running
+        -- rows", and a 100-row completion took 200-500 ms beside 5,000 running jobs.
+        WHERE j.id = v.id AND j.attempt = v.attempt AND j.worker_id = v.worker
+          AND j.status = (SELECT 'running'::text)
         RETURNING j.id, j.status, j.queue
     )
     SELECT coalesce(array_agg(id), '{}'),

@@ -76,3 +76,41 @@ async def test_claim_and_maintenance_queries_use_partial_indexes(engine: AsyncEn
         "SELECT id FROM polyqueue_jobs WHERE status = 'enqueued' AND dispatched_at < now() - interval '5 minutes'",
     )
     assert "ix_polyqueue_jobs_enqueued" in stale and "Seq Scan" not in stale
+
+
+async def test_completion_joins_on_the_primary_key_beside_many_running_jobs(engine: AsyncEngine) -> None:
+    """Statistics taken while nothing ran must not lure the completion onto a partial index."""
+    import uuid
+
+    from polyqueue._conn import HeldConnection
+    from polyqueue.queries import _COMPLETE_MANY
+
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text("ANALYZE polyqueue_jobs"))  # empty: "no running rows"
+    worker = uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO polyqueue_jobs (id, task, payload, status, attempt, worker_id) "
+                "SELECT gen_random_uuid(), 't', '{}', 'running', 1, :w FROM generate_series(1, 5000)"
+            ),
+            {"w": worker},
+        )
+        ids = [r[0] for r in (await conn.execute(text("SELECT id FROM polyqueue_jobs LIMIT 100"))).all()]
+    params = {
+        "workers": [worker] * 100,
+        "ids": ids,
+        "attempts": [1] * 100,
+        "statuses": ["succeeded"] * 100,
+        "results": ["null"] * 100,
+        "errors": [None] * 100,
+        "delays": [0.0] * 100,
+    }
+    held = HeldConnection(engine)  # the completer's kind of connection
+    async with held.use() as conn:
+        plan = json.dumps((await conn.execute(text(f"EXPLAIN (FORMAT JSON) {_COMPLETE_MANY.text}"), params)).scalar_one())
+    await held.close()
+    assert "Seq Scan" not in plan
+    assert "pk_polyqueue_jobs" in plan
+    assert "ix_polyqueue_jobs_worker" not in plan and "ix_polyqueue_jobs_timeout" not in plan

@@ -231,6 +231,7 @@ class Worker:
                 await self._complete_in_session(ctx, outcome, claim)
             else:
                 self.completer.add(outcome, lambda _o, _ok: self.source.done(claim))
+                await self.completer.wait_for_room()  # backpressure: keep the slot while writes lag
             self.processed += 1
         finally:
             if ctx is not None and ctx.session_used:

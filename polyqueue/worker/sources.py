@@ -20,6 +20,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from polyqueue._conn import HeldConnection
 from polyqueue.brokers.base import Broker, Delivery
 from polyqueue.errors import BrokerError, LeaseLostError
 from polyqueue.listener import Listener
@@ -52,7 +53,7 @@ class DirectSource:
     """Claims straight from ``polyqueue_jobs`` (``queue_backend="postgres"``)."""
 
     def __init__(self, engine: AsyncEngine, listener: Listener, queues: Sequence[str], poll_interval: float) -> None:
-        self._engine = engine
+        self._conn = HeldConnection(engine)
         self._queues = list(queues)
         self._poll = poll_interval
         self._wakeup = asyncio.Event()
@@ -73,8 +74,7 @@ class DirectSource:
         return [Claim(j) for j in jobs]
 
     async def _claim(self, worker_id: uuid.UUID, limit: int) -> list[ClaimedJob]:
-        async with self._engine.connect() as conn:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with self._conn.use() as conn:
             return await job_claim_pending(conn, worker_id, self._queues, limit)
 
     async def done(self, claim: Claim) -> None:
@@ -86,13 +86,14 @@ class DirectSource:
 
     async def close(self) -> None:
         self._listener.unsubscribe(NEW_JOB_CHANNEL, self._on_notify)
+        await self._conn.close()
 
 
 class BrokerSource:
     """Receives deliveries from a broker and claims their jobs in Postgres."""
 
     def __init__(self, engine: AsyncEngine, broker: Broker, queues: Sequence[str], lease_seconds: float) -> None:
-        self._engine = engine
+        self._conn = HeldConnection(engine)
         self._broker = broker
         self._queues = list(queues)
         self._lease = lease_seconds
@@ -118,8 +119,7 @@ class BrokerSource:
                 good[d.job_id] = d
         jobs: list[ClaimedJob] = []
         if good:
-            async with self._engine.connect() as conn:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            async with self._conn.use() as conn:
                 jobs = await job_claim_by_ids(conn, worker_id, list(good))
         claimed = {j.id for j in jobs}
         extra += [d for job_id, d in good.items() if job_id not in claimed]
@@ -170,4 +170,4 @@ class BrokerSource:
                 await task
 
     async def close(self) -> None:
-        return None
+        await self._conn.close()
