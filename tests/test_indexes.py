@@ -109,7 +109,8 @@ async def test_completion_joins_on_the_primary_key_beside_many_running_jobs(engi
     }
     held = HeldConnection(engine)  # the completer's kind of connection
     async with held.use() as conn:
-        plan = json.dumps((await conn.execute(text(f"EXPLAIN (FORMAT JSON) {_COMPLETE_MANY.text}"), params)).scalar_one())
+        explain = text(f"EXPLAIN (FORMAT JSON) {_COMPLETE_MANY.text}")
+        plan = json.dumps((await conn.execute(explain, params)).scalar_one())
     await held.close()
     assert "Seq Scan" not in plan
     assert "pk_polyqueue_jobs" in plan
