@@ -4,6 +4,7 @@ statement, so it fires only if the caller commits."""
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
@@ -157,11 +158,13 @@ async def enqueue(
         unique_key=unique_key,
         meta=meta,
     )
+    spec = all_tasks()[row["task"]]
     statement = _insert_statement().values(**row)
     for _ in range(10):
         inserted = (await session.execute(statement)).first()
         if inserted is not None:
             job: Job = inserted[0]
+            spec.metrics.job_enqueued(spec.name, job.queue, 1)
             return job
         existing = await session.scalar(select(Job).where(Job.unique_key == unique_key, Job.status.in_(_LIVE)))
         if existing is not None:
@@ -230,5 +233,7 @@ async def enqueue_many(
         columns["timeout_strategies"].append(spec.timeout_strategy.value)
     params = {**columns, "meta": to_json(dict(meta or {})).decode(), "run_at": when}
     await session.execute(_INSERT_MANY, params)
+    for (name, q), n in collections.Counter(zip(columns["tasks"], columns["queues"], strict=True)).items():
+        tasks[name].metrics.job_enqueued(name, q, n)
     ids: list[uuid.UUID] = columns["ids"]
     return ids

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 __all__ = [
+    "CANCEL_CHANNEL",
     "DONE_CHANNEL",
     "NEW_JOB_CHANNEL",
     "ClaimedJob",
@@ -26,6 +27,7 @@ __all__ = [
     "job_claim_by_ids",
     "job_claim_pending",
     "job_complete_many",
+    "job_count_live",
     "job_hand_back",
     "job_mark_enqueued",
     "job_progress",
@@ -40,6 +42,7 @@ __all__ = [
 
 NEW_JOB_CHANNEL = "polyqueue_new"  # payload: queue name
 DONE_CHANNEL = "polyqueue_done"  # payload: comma-separated ids of jobs that reached a terminal state
+CANCEL_CHANNEL = "polyqueue_cancel"  # payload: comma-separated ids of running jobs cancelled by an operator
 
 Executor = AsyncConnection | AsyncSession
 
@@ -74,6 +77,7 @@ class Outcome:
     result_json: str | None = None
     error_json: str | None = None
     delay: float = 0.0
+    error_type: str | None = None  # for logs and metrics; the full record is in error_json
 
 
 _CLAIM_SET = """
@@ -276,19 +280,30 @@ _RESCUE = text(
           AND j.status = 'running'
         RETURNING j.id, j.status, j.queue
     )
-    SELECT id, status, pg_notify('polyqueue_new', queue) FROM upd
+    SELECT id, status, queue, pg_notify('polyqueue_new', queue) FROM upd
     """
 )
 
 
-async def job_rescue(conn: Executor, *, dead_after: float, timeout_grace: float) -> list[tuple[uuid.UUID, str]]:
+async def job_rescue(conn: Executor, *, dead_after: float, timeout_grace: float) -> list[tuple[uuid.UUID, str, str]]:
     """Mark workers with stale heartbeats dead and rescue running jobs that are orphaned or past timeout.
 
     Rescue is by liveness, never by elapsed run time alone: a long job of a live
-    worker without a time limit is left alone. Returns (job id, new status).
+    worker without a time limit is left alone. Returns (job id, new status, queue).
     """
     rows = await conn.execute(_RESCUE, {"dead_after": dead_after, "grace": timeout_grace})
-    return [(row[0], row[1]) for row in rows]
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+async def job_count_live(conn: Executor) -> list[tuple[str, str, int]]:
+    """(queue, status, count) of pending, enqueued and running jobs (the live ones, few by design)."""
+    rows = await conn.execute(
+        text(
+            "SELECT queue, status, count(*) FROM polyqueue_jobs "
+            "WHERE status IN ('pending', 'enqueued', 'running') GROUP BY queue, status"
+        )
+    )
+    return [(row[0], row[1], int(row[2])) for row in rows]
 
 
 async def job_prune(conn: Executor, *, older_than: float, limit: int = 10_000) -> int:

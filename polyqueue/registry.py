@@ -12,6 +12,7 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel, TypeAdapter
 
 from polyqueue.errors import ConfigurationError, UnknownTaskError
+from polyqueue.metrics import GuardedMetrics
 from polyqueue.retry import Backoff
 from polyqueue.settings import Settings
 from polyqueue.types import TimeoutStrategy
@@ -41,6 +42,7 @@ class TaskSpec:
     max_run_seconds: float | None = None
     timeout_strategy: TimeoutStrategy = TimeoutStrategy.RETRY
     backoff: Backoff = field(default_factory=Backoff)
+    metrics: GuardedMetrics = field(default_factory=lambda: GuardedMetrics(None), repr=False, compare=False)
 
     @property
     def result_adapter(self) -> TypeAdapter[Any]:
@@ -75,7 +77,10 @@ class Polyqueue:
     ... async def send_email(payload: Email) -> None: ...
     """
 
-    def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
+    def __init__(self, settings: Settings | None = None, *, metrics: object | None = None, **overrides: Any) -> None:
+        """``settings`` (else read from ``POLYQUEUE_*``), with ``overrides`` applied; ``metrics``
+        is a :class:`~polyqueue.metrics.MetricsHook` for this app's enqueues and workers."""
+        self.metrics = GuardedMetrics(metrics)
         base = settings or Settings()
         self.settings: Settings = base.model_copy(update=overrides) if overrides else base
         if overrides:  # re-validate the overridden values
@@ -138,6 +143,7 @@ class Polyqueue:
                 max_run_seconds=max_run_seconds,
                 timeout_strategy=TimeoutStrategy(timeout_strategy),
                 backoff=backoff or Backoff(),
+                metrics=self.metrics,
             )
             self.tasks[task_name] = spec
             _ALL_TASKS[task_name] = spec

@@ -10,6 +10,7 @@ duplicate.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +19,7 @@ from polyqueue._aio import wait_any
 from polyqueue.brokers.base import Broker, Message
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
+from polyqueue.metrics import GuardedMetrics
 from polyqueue.queries import NEW_JOB_CHANNEL, job_mark_enqueued, job_take_for_dispatch
 from polyqueue.settings import Settings
 
@@ -29,7 +31,15 @@ log = logging.getLogger("polyqueue.relay")
 class Relay:
     """Moves ``pending`` → broker → ``enqueued``. ``run_once`` is one batch; ``run`` loops."""
 
-    def __init__(self, engine: AsyncEngine, broker: Broker, listener: Listener | None, settings: Settings) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        broker: Broker,
+        listener: Listener | None,
+        settings: Settings,
+        metrics: GuardedMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics or GuardedMetrics(None)
         self.engine = engine
         self.broker = broker
         self.listener = listener
@@ -50,6 +60,8 @@ class Relay:
             await self.broker.publish([Message(job_id, queue) for job_id, queue in rows])
             await job_mark_enqueued(conn, [job_id for job_id, _ in rows])
         self.published += len(rows)
+        for queue, count in collections.Counter(q for _, q in rows).items():
+            self.metrics.job_dispatched(queue, count)
         return len(rows)
 
     async def run(self, stopping: asyncio.Event) -> None:

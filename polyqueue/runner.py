@@ -11,6 +11,7 @@ from polyqueue.brokers import Broker, make_broker
 from polyqueue.db import database_url, make_engine
 from polyqueue.errors import ConfigurationError
 from polyqueue.listener import Listener
+from polyqueue.metrics import GuardedMetrics
 from polyqueue.registry import Polyqueue
 from polyqueue.relay import Relay
 from polyqueue.worker.runtime import Worker
@@ -30,6 +31,7 @@ async def run_worker(
     install_signal_handlers: bool = False,
     burst: bool = False,
     stopping: asyncio.Event | None = None,
+    metrics: object | None = None,
 ) -> Worker:
     """Run a worker for ``app`` until ``stopping`` is set (or SIGTERM/SIGINT with
     ``install_signal_handlers``, or the queue is drained with ``burst``).
@@ -48,6 +50,7 @@ async def run_worker(
         concurrency=concurrency,
         run_relay=run_relay,
         run_maintenance=run_maintenance,
+        metrics=metrics,
     )
     watcher = asyncio.create_task(_stop_when(stopping, worker)) if stopping is not None else None
     try:
@@ -74,8 +77,12 @@ def main(
     concurrency: int | None = None,
     run_relay: bool = True,
     run_maintenance: bool = True,
+    metrics: object | None = None,
 ) -> None:
-    """Run a worker in the foreground until SIGTERM or SIGINT (what ``polyqueue worker`` calls)."""
+    """Run a worker in the foreground until SIGTERM or SIGINT (what ``polyqueue worker`` calls).
+
+    ``metrics`` is a :class:`~polyqueue.metrics.MetricsHook` (default: the app's own).
+    """
     asyncio.run(
         run_worker(
             app,
@@ -84,6 +91,7 @@ def main(
             run_relay=run_relay,
             run_maintenance=run_maintenance,
             install_signal_handlers=True,
+            metrics=metrics,
         )
     )
 
@@ -95,6 +103,7 @@ async def run_relay(
     broker: Broker | None = None,
     stopping: asyncio.Event | None = None,
     install_signal_handlers: bool = False,
+    metrics: object | None = None,
 ) -> Relay:
     """Run a relay alone (``polyqueue relay``) until ``stopping`` is set or SIGTERM/SIGINT."""
     s = app.settings
@@ -111,7 +120,7 @@ async def run_relay(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
     listener = Listener(engine)
-    relay = Relay(engine, broker, listener, s)
+    relay = Relay(engine, broker, listener, s, GuardedMetrics(metrics) if metrics is not None else app.metrics)
     try:
         await broker.ensure(s.queues)
         await listener.start()

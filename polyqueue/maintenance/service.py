@@ -4,6 +4,7 @@ running the services' ``run_once`` — rescue, re-dispatch, prune."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from polyqueue._aio import wait_any
-from polyqueue.queries import job_prune, job_redispatch_stale, job_rescue
+from polyqueue.metrics import GuardedMetrics
+from polyqueue.queries import job_count_live, job_prune, job_redispatch_stale, job_rescue
 from polyqueue.settings import Settings
 
 __all__ = ["LEADER_LOCK_KEY", "Maintenance", "MaintenanceResult"]
@@ -35,10 +37,12 @@ class MaintenanceResult:
 class Maintenance:
     """Runs maintenance passes while this process holds the leader lock."""
 
-    def __init__(self, engine: AsyncEngine, settings: Settings) -> None:
+    def __init__(self, engine: AsyncEngine, settings: Settings, metrics: GuardedMetrics | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics or GuardedMetrics(None)
         self._leader_conn: AsyncConnection | None = None
+        self._reported_depth: set[tuple[str, str]] = set()
 
     @property
     def is_leader(self) -> bool:
@@ -50,15 +54,24 @@ class Maintenance:
         result = MaintenanceResult()
         async with self.engine.begin() as conn:
             rescued = await job_rescue(conn, dead_after=s.worker_dead_after, timeout_grace=s.timeout_grace)
-        result.rescued = [(str(i), st) for i, st in rescued]
-        for job_id, status in rescued:
+        result.rescued = [(str(i), st) for i, st, _ in rescued]
+        for job_id, status, _ in rescued:
             log.warning("rescued job %s → %s", job_id, status)
+        for (queue, status), count in collections.Counter((q, st) for _, st, q in rescued).items():
+            self.metrics.job_rescued(queue, status, count)
         async with self.engine.begin() as conn:
             result.redispatched = await job_redispatch_stale(conn, older_than=s.redispatch_after)
         if result.redispatched:
             log.warning("re-dispatched %d jobs enqueued longer than %.0fs", result.redispatched, s.redispatch_after)
         async with self.engine.begin() as conn:
             result.pruned = await job_prune(conn, older_than=s.retention_seconds)
+            depth = await job_count_live(conn)
+        seen = {(q, st) for q, st, _ in depth}
+        for queue, status, count in depth:
+            self.metrics.queue_depth(queue, status, count)
+        for queue, status in self._reported_depth - seen:  # drained since the last sample: report 0
+            self.metrics.queue_depth(queue, status, 0)
+        self._reported_depth = seen
         return result
 
     async def _try_lead(self) -> bool:

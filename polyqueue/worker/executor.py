@@ -46,9 +46,8 @@ def error_record(attempt: int, kind: str, message: str, tb: str | None = None) -
 
 
 def _failed(job: ClaimedJob, kind: str, message: str, tb: str | None = None) -> Outcome:
-    return Outcome(
-        job.id, job.attempt, job.worker_id, "failed", error_json=error_record(job.attempt, kind, message, tb)
-    )
+    error = error_record(job.attempt, kind, message, tb)
+    return Outcome(job.id, job.attempt, job.worker_id, "failed", error_json=error, error_type=kind)
 
 
 def retry_or_fail(
@@ -56,9 +55,9 @@ def retry_or_fail(
 ) -> Outcome:
     error = error_record(job.attempt, kind, message, tb)
     if job.attempt >= job.max_attempts:
-        return Outcome(job.id, job.attempt, job.worker_id, "failed", error_json=error)
+        return Outcome(job.id, job.attempt, job.worker_id, "failed", error_json=error, error_type=kind)
     wait = spec.backoff.delay(job.attempt) if delay is None else delay
-    return Outcome(job.id, job.attempt, job.worker_id, "pending", error_json=error, delay=wait)
+    return Outcome(job.id, job.attempt, job.worker_id, "pending", error_json=error, delay=wait, error_type=kind)
 
 
 async def _call(spec: TaskSpec, payload: Any, ctx: JobContext, job: ClaimedJob) -> Any:

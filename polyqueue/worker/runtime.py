@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -24,7 +25,10 @@ from polyqueue.context import JobContext
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.maintenance.service import Maintenance
+from polyqueue.metrics import GuardedMetrics
 from polyqueue.queries import (
+    CANCEL_CHANNEL,
+    ClaimedJob,
     Outcome,
     job_complete_many,
     job_hand_back,
@@ -42,6 +46,13 @@ from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSourc
 __all__ = ["Worker"]
 
 log = logging.getLogger("polyqueue.worker")
+job_log = logging.getLogger("polyqueue.job")
+
+
+def _outcome_name(outcome: Outcome) -> str:
+    if outcome.error_type == "TimeLimitExceeded":
+        return "timed_out"
+    return "retried" if outcome.status == "pending" else outcome.status
 
 
 class Worker:
@@ -61,6 +72,7 @@ class Worker:
         concurrency: int | None = None,
         run_relay: bool = True,
         run_maintenance: bool = True,
+        metrics: object | None = None,
     ) -> None:
         s = app.settings
         self.app = app
@@ -70,7 +82,10 @@ class Worker:
         self.concurrency = concurrency or s.concurrency
         self.settings = s
         self.worker_id = uuid.uuid4()
+        self.metrics = GuardedMetrics(metrics) if metrics is not None else app.metrics
         self.listener = Listener(engine)
+        self.listener.subscribe(CANCEL_CHANNEL, self._on_cancel)
+        self._cancel_requested: set[uuid.UUID] = set()
         self.source: JobSource = (
             DirectSource(engine, self.listener, self.queues, s.poll_interval)
             if broker is None
@@ -79,8 +94,8 @@ class Worker:
         self.completer = Completer(
             engine, flush_interval=s.completion_flush_interval, batch_size=s.completion_batch_size
         )
-        self.relay = Relay(engine, broker, self.listener, s) if broker is not None and run_relay else None
-        self.maintenance = Maintenance(engine, s) if run_maintenance else None
+        self.relay = Relay(engine, broker, self.listener, s, self.metrics) if broker is not None and run_relay else None
+        self.maintenance = Maintenance(engine, s, self.metrics) if run_maintenance else None
         self._running: dict[asyncio.Task[None], Claim] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -206,6 +221,14 @@ class Worker:
                     self._slot_freed.clear()
                     await wait_any(self._slot_freed, self._stopping, seconds=self.settings.poll_interval)
 
+    def _on_cancel(self, payload: str) -> None:
+        """An operator cancelled running jobs (``admin cancel``): cancel the ones running here."""
+        wanted = {p for p in payload.split(",") if p}
+        for task, claim in list(self._running.items()):
+            if str(claim.job.id) in wanted:
+                self._cancel_requested.add(claim.job.id)
+                task.cancel()
+
     def _job_finished(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
         self._slot_freed.set()
@@ -224,9 +247,20 @@ class Worker:
                 await self.broker.extend(claim.delivery, self.settings.lease_seconds)
 
         ctx: JobContext | None = None
+        self.metrics.job_started(job.task, job.queue, max(0.0, (job.started_at - job.run_at).total_seconds()))
+        began = time.perf_counter()
         try:
-            async with self.source.keepalive(claim):
-                outcome, ctx = await execute(job, spec, engine=self.engine, heartbeat=heartbeat)
+            try:
+                async with self.source.keepalive(claim):
+                    outcome, ctx = await execute(job, spec, engine=self.engine, heartbeat=heartbeat)
+            except asyncio.CancelledError:
+                if job.id not in self._cancel_requested:
+                    raise  # shutdown: the runtime hands the job back
+                self._cancel_requested.discard(job.id)
+                self._report(job, "cancelled", time.perf_counter() - began, None)
+                await self.source.done(claim)  # Postgres already says cancelled
+                return
+            self._report(job, _outcome_name(outcome), time.perf_counter() - began, outcome.error_type)
             if ctx is not None and ctx.session_used:
                 await self._complete_in_session(ctx, outcome, claim)
             else:
@@ -236,6 +270,31 @@ class Worker:
         finally:
             if ctx is not None and ctx.session_used:
                 await asyncio.shield(ctx.session.close())
+
+    def _report(self, job: ClaimedJob, outcome: str, seconds: float, error_type: str | None) -> None:
+        """One structured log record and one metrics event per finished attempt."""
+        self.metrics.job_finished(job.task, job.queue, outcome, seconds)
+        level = logging.INFO if outcome in ("succeeded", "cancelled") else logging.WARNING
+        if job_log.isEnabledFor(level):
+            job_log.log(
+                level,
+                "job %s %s attempt %d %s in %.1f ms%s",
+                job.id,
+                job.task,
+                job.attempt,
+                outcome,
+                seconds * 1000,
+                f" ({error_type})" if error_type else "",
+                extra={
+                    "job_id": str(job.id),
+                    "task": job.task,
+                    "queue": job.queue,
+                    "attempt": job.attempt,
+                    "outcome": outcome,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "error_type": error_type,
+                },
+            )
 
     async def _complete_in_session(self, ctx: JobContext, outcome: Outcome, claim: Claim) -> None:
         session = ctx.session
