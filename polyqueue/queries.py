@@ -29,6 +29,7 @@ __all__ = [
     "job_complete_many",
     "job_count_live",
     "job_hand_back",
+    "job_held",
     "job_mark_enqueued",
     "job_progress",
     "job_prune",
@@ -229,6 +230,18 @@ async def job_hand_back(conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid
         return 0
     written = (await conn.execute(_HAND_BACK, {"worker": worker_id, "ids": list(ids)})).scalar_one()
     return len(written or [])
+
+
+async def job_held(conn: Executor, worker_id: uuid.UUID, *, older_than: float) -> list[uuid.UUID]:
+    """Jobs Postgres says ``worker_id`` is running, claimed more than ``older_than`` seconds ago."""
+    rows = await conn.execute(
+        text(
+            "SELECT id FROM polyqueue_jobs WHERE worker_id = :worker AND status = 'running' "
+            "AND started_at < now() - :age * interval '1 second'"
+        ),
+        {"worker": worker_id, "age": older_than},
+    )
+    return [row[0] for row in rows]
 
 
 async def job_progress(conn: Executor, worker_id: uuid.UUID, job_id: uuid.UUID, attempt: int) -> bool:

@@ -341,3 +341,26 @@ async def test_two_workers_race_on_500_jobs_each_runs_exactly_once(engine: Async
     assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded' AND attempt = 1") == 500
     assert w1.processed + w2.processed == 500
     assert w1.processed > 0 and w2.processed > 0
+
+
+async def test_a_claim_whose_reply_was_lost_is_handed_back_and_run(engine: AsyncEngine) -> None:
+    """The claim UPDATE committed but the connection died before the worker read it."""
+    from tests.helpers import wait_until
+
+    job = await enqueue_one(engine, Numbers(a=4, b=4), delay=3600)  # not claimable by the normal path
+    async with running_worker(app, engine) as worker:
+        async with engine.begin() as conn:  # what the lost claim did in Postgres
+            await conn.execute(
+                text(
+                    "UPDATE polyqueue_jobs SET status = 'running', attempt = 1, worker_id = :w, "
+                    "started_at = now() - interval '10 seconds', run_at = now() WHERE id = :i"
+                ),
+                {"w": worker.worker_id, "i": job},
+            )
+
+        async def done() -> bool:
+            return (await status_of(engine, job))[0] == "succeeded"
+
+        await wait_until(done, what="the orphaned claim to be handed back and run")
+    status, attempt, errors = await status_of(engine, job)
+    assert (status, attempt, errors) == ("succeeded", 1, [])  # the lost attempt was never counted

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -50,6 +51,10 @@ class Completer:
             self._full.set()
         if len(self._buffer) >= self.max_backlog:
             self._room.clear()
+
+    def pending_ids(self) -> set[uuid.UUID]:
+        """Jobs whose outcome is buffered or being written."""
+        return {o.job_id for o, _ in self._buffer}
 
     async def wait_for_room(self) -> None:
         """Return once the backlog of unwritten outcomes is below ``max_backlog``."""

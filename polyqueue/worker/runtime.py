@@ -32,6 +32,7 @@ from polyqueue.queries import (
     Outcome,
     job_complete_many,
     job_hand_back,
+    job_held,
     job_progress,
     worker_heartbeat,
     worker_register,
@@ -180,8 +181,24 @@ class Worker:
                     old, self.worker_id = self.worker_id, uuid.uuid4()
                     log.error("worker %s was declared dead by maintenance; re-registering as %s", old, self.worker_id)
                     await self._register()
+                else:
+                    await self._reconcile()
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
+
+    async def _reconcile(self) -> None:
+        """Hand back jobs Postgres says we run but we do not know of.
+
+        A claim whose reply was lost (connection cut after the UPDATE committed) leaves
+        such a job: without this it would stay 'running' for as long as we live.
+        """
+        async with self.engine.begin() as conn:
+            held = await job_held(conn, self.worker_id, older_than=2 * self.settings.heartbeat_interval)
+            known = {c.job.id for c in self._running.values()} | self.completer.pending_ids()
+            orphans = [job_id for job_id in held if job_id not in known]
+            if orphans:
+                count = await job_hand_back(conn, self.worker_id, orphans)
+                log.warning("handed back %d jobs claimed by this worker whose claim reply was lost", count)
 
     # -- the fetch loop --------------------------------------------------------------------------
     async def _free_slots(self, low_water: int) -> int:
