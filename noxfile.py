@@ -39,3 +39,16 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: enqueue rate, end-to-end throughput, pickup latency percentiles."""
     session.install("-e", ".[dev]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Fault injection for every broker; pass runner options after --, e.g. -- --jobs 100000."""
+    session.install("-e", ".[dev]")
+    brokers = ["postgres", "memory", "redis"]
+    extra = list(session.posargs)
+    if "--broker" in extra:
+        brokers = [extra[extra.index("--broker") + 1]]
+        del extra[extra.index("--broker") : extra.index("--broker") + 2]
+    for broker in brokers:
+        session.run("python", "-m", "tests.chaos.runner", "--broker", broker, *extra)
