@@ -20,7 +20,6 @@ from benchmarks import suite
 from benchmarks.db import create_database, drop_database, migrate
 from benchmarks.profiling import PySpy
 from benchmarks.report import Result, render
-from benchmarks.whatif import PATCHES
 
 __all__ = ["main"]
 
@@ -67,14 +66,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="profile the e2e worker process (py-spy attaches to it; pyinstrument runs inside it)",
     )
     p.add_argument("--profile-dir", type=Path, default=Path("benchmarks/profiles"), help="where profiles go")
-    p.add_argument(
-        "--worker-patch",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help=f"what-if: patch the worker subprocess (repeat or comma-separate): {', '.join(PATCHES)}; "
-        "see benchmarks/whatif.py",
-    )
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
     p.add_argument("--keep-db", action="store_true", help="do not drop the database at the end (debugging)")
     args = p.parse_args(argv)
@@ -85,11 +76,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     args.selected = [b for b in BENCHMARKS if not only or b in only]
-    patches = [x.strip() for item in args.worker_patch for x in item.split(",") if x.strip()]
-    unknown = sorted(set(patches) - set(PATCHES))
-    if unknown:
-        p.error(f"unknown worker patch(es) {unknown}; choose from {', '.join(PATCHES)}")
-    args.worker_patch = patches
     if args.profile == "py-spy" and not PySpy.available():
         p.error("--profile py-spy needs py-spy: pip install py-spy")
     if args.profile == "pyinstrument" and importlib.util.find_spec("pyinstrument") is None:
@@ -143,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(_main(args))
     print()
     title = f"polyqueue benchmarks ({started}, backend={args.backend})"
-    if args.worker_patch:
-        title += f" WHAT-IF worker patches: {', '.join(args.worker_patch)}"
     print(render(results, title=title))
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in results], indent=2))

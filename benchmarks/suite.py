@@ -77,8 +77,6 @@ class WorkerProcess:
             cmd += ["--broker-url", self._args.broker_url]
         if self._pyinstrument is not None:
             cmd += ["--pyinstrument", str(self._pyinstrument)]
-        for patch in self._args.worker_patch:
-            cmd += ["--patch", patch]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
         with self.log_path.open("wb") as log:
             self.spawned_at = time.time()
@@ -371,8 +369,6 @@ class Bench:
         ]
         if cpu.report:
             steady_notes.append(f"CPU over the run: {cpu.report.describe()}")
-        if args.worker_patch:
-            steady_notes.append(f"WHAT-IF: worker patched with {', '.join(args.worker_patch)} (benchmarks/whatif.py)")
         warnings = worker.log_warnings()
         if warnings:
             steady_notes.append(f"worker logged {warnings} warnings")
@@ -447,8 +443,6 @@ class Bench:
         ]
         if cpu.report:
             notes.append(f"CPU: {cpu.report.describe()}")
-        if args.worker_patch:
-            notes.append(f"WHAT-IF: worker patched with {', '.join(args.worker_patch)} (benchmarks/whatif.py)")
         common: dict[str, Any] = {"unit": "ms", "higher_is_better": False}
         return [
             Result("pickup latency p50", p[50], jobs=len(lat), target=LATENCY_P50_TARGET, notes=notes, **common),

@@ -26,32 +26,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--burst", action="store_true", help="stop once no job is due and none is running")
     p.add_argument("--pyinstrument", metavar="PATH", help="profile with pyinstrument; write a text report to PATH")
-    p.add_argument("--patch", action="append", default=[], help="what-if patch (benchmarks/whatif.py)")
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from benchmarks import whatif
     from benchmarks.app import app
     from polyqueue import run_worker
 
-    whatif.apply(args.patch)
-    engine = None
-    if "no-pre-ping" in args.patch:
-        from sqlalchemy.ext.asyncio import create_async_engine
-
-        from polyqueue.db import asyncpg_url
-
-        engine = create_async_engine(asyncpg_url(args.database_url), pool_size=8)  # as run_worker's, minus pre-ping
     print(f"READY {time.time():.6f}", flush=True)
-    try:
-        worker = await run_worker(
-            app, engine=engine, concurrency=args.concurrency, burst=args.burst, install_signal_handlers=True
-        )
-    finally:
-        if engine is not None:
-            await engine.dispose()
+    worker = await run_worker(app, concurrency=args.concurrency, burst=args.burst, install_signal_handlers=True)
     return worker.processed
 
 
