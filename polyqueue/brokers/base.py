@@ -83,6 +83,9 @@ class Broker(Protocol):
     async def ack(self, delivery: Delivery) -> None:
         """Remove the delivery for good."""
 
+    # Optional: ``async def ack_many(self, deliveries: Sequence[Delivery]) -> None`` acks a
+    # batch in one round trip; the worker uses it when present (see BrokerSource).
+
     async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         """Give the delivery back, to be redelivered after ``delay`` seconds."""
 

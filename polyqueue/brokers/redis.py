@@ -247,6 +247,21 @@ class RedisBroker:
         if not await self._owned_call("ack", delivery):
             log.info("ack of redis entry %s (queue %r) skipped: not ours any more", delivery.handle, delivery.queue)
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """:meth:`ack` for many deliveries in one round trip (the scripts pipelined)."""
+        owned = [d for d in deliveries if d.handle is not None]
+        if not owned:
+            return
+        with self._mapped("ack"):
+            pipe = self._redis.pipeline(transaction=False)
+            for d in owned:
+                keys = [self.stream(d.queue), f"{self.stream(d.queue)}:delayed"]
+                await self._scripts["ack"](keys=keys, args=[self.group, self.consumer, d.handle], client=pipe)
+            results = await pipe.execute()
+        skipped = sum(1 for r in results if not r)
+        if skipped:
+            log.info("ack of %d redis entries skipped: not ours any more", skipped)
+
     async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         """Re-add the body now (a fresh entry) or after ``delay`` (the delayed set), dropping the old entry."""
         body = encode_message(Message(delivery.job_id, delivery.queue)) if delivery.job_id else _raw(delivery)

@@ -97,6 +97,11 @@ class BrokerSource:
         self._broker = broker
         self._queues = list(queues)
         self._lease = lease_seconds
+        # Acks are sent in batches by one task: a finished job need not wait for its ack,
+        # and ack_many (where the adapter has it) sends a batch in one round trip.
+        self._acks: list[Delivery] = []
+        self._ack_wakeup = asyncio.Event()
+        self._ack_task: asyncio.Task[None] | None = None
 
     async def fetch(self, worker_id: uuid.UUID, limit: int, wait: float) -> list[Claim]:
         try:
@@ -124,14 +129,34 @@ class BrokerSource:
         claimed = {j.id for j in jobs}
         extra += [d for job_id, d in good.items() if job_id not in claimed]
         for d in extra:  # stale, duplicate or malformed: the record in Postgres says there is nothing to run
-            await self._ack_quietly(d)
+            self._ack_later(d)
         return [Claim(j, good[j.id]) for j in jobs]
 
-    async def _ack_quietly(self, delivery: Delivery) -> None:
+    def _ack_later(self, delivery: Delivery) -> None:
+        self._acks.append(delivery)
+        self._ack_wakeup.set()
+        if self._ack_task is None:
+            self._ack_task = asyncio.create_task(self._ack_loop(), name="polyqueue-acks")
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            self._ack_wakeup.clear()
+            await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        batch, self._acks = self._acks, []
+        if not batch:
+            return
+        ack_many = getattr(self._broker, "ack_many", None)
         try:
-            await self._broker.ack(delivery)
-        except BrokerError as exc:
-            log.warning("ack of delivery %s failed: %s", delivery.job_id, exc)
+            if ack_many is not None:
+                await ack_many(batch)
+            else:
+                for d in batch:
+                    await self._broker.ack(d)
+        except BrokerError as exc:  # the broker redelivers them later; the claim then drops them
+            log.warning("acking %d deliveries failed: %s", len(batch), exc)
 
     async def done(self, claim: Claim) -> None:
         """The attempt is over in Postgres (finished, retried or handed back): drop the delivery.
@@ -140,7 +165,7 @@ class BrokerSource:
         the relay when it is due; releasing the old delivery as well would deliver it twice.
         """
         if claim.delivery is not None:
-            await self._ack_quietly(claim.delivery)
+            self._ack_later(claim.delivery)
 
     @contextlib.asynccontextmanager
     async def keepalive(self, claim: Claim) -> AsyncIterator[None]:
@@ -170,4 +195,10 @@ class BrokerSource:
                 await task
 
     async def close(self) -> None:
+        if self._ack_task is not None:
+            self._ack_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ack_task
+            self._ack_task = None
+        await self._send_acks()
         await self._conn.close()

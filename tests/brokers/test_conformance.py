@@ -184,6 +184,26 @@ async def test_malformed_message_is_acked_for_good(harness: Harness, body: bytes
     assert await broker.receive([Q], 10, wait) == []
 
 
+async def test_ack_many_acks_a_batch_and_respects_ownership(harness: Harness) -> None:
+    """The optional batch ack the worker prefers: same meaning as ack, one call."""
+    lease = 0.5
+    stale = await harness.make(lease_seconds=lease)
+    ack_many = getattr(stale, "ack_many", None)
+    if ack_many is None:
+        pytest.skip("adapter has no ack_many (the worker falls back to ack)")
+    owner = await harness.make(lease_seconds=lease)
+    await stale.publish(messages(5))
+    got = await receive_until(stale, 5, 5.0)
+    await ack_many(got[:4])  # four acked for good; the fifth is left to lapse
+    wait = lease + 0.5 if stale.capabilities.lease else 0.2
+    [late] = await receive_until(owner, 1, wait + 5.0)
+    assert late.job_id == got[4].job_id
+    await ack_many([got[4]])  # stale: must not remove the new owner's delivery
+    await owner.extend(late, lease)
+    await owner.ack_many([late])  # type: ignore[attr-defined]
+    assert await owner.receive([Q], 10, wait) == []
+
+
 async def test_stale_ack_keeps_the_new_owners_delivery(harness: Harness) -> None:
     """After a takeover, the old owner's ack/extend must not touch the new owner's delivery."""
     lease = 0.5
