@@ -104,10 +104,17 @@ def _row(
         "max_run_seconds": spec.max_run_seconds if max_run_seconds is None else max_run_seconds,
         "timeout_strategy": TimeoutStrategy(timeout_strategy or spec.timeout_strategy).value,
         "unique_key": unique_key,
-        "meta": to_jsonable_python(dict(meta or {})),
+        "meta": _meta(spec, meta),
         "run_at": run_at or func.now(),
     }
     return row
+
+
+def _meta(spec: TaskSpec, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The job's ``meta``: the caller's, plus what the app's metrics hook injects (trace context)."""
+    data = dict(meta or {})
+    spec.metrics.inject_meta(data)
+    return dict(to_jsonable_python(data))
 
 
 def _insert_statement() -> Any:
@@ -231,7 +238,8 @@ async def enqueue_many(
         columns["max_attempts"].append(spec.max_attempts if max_attempts is None else max_attempts)
         columns["max_run_seconds"].append(spec.max_run_seconds)
         columns["timeout_strategies"].append(spec.timeout_strategy.value)
-    params = {**columns, "meta": to_json(dict(meta or {})).decode(), "run_at": when}
+    first = tasks[columns["tasks"][0]]
+    params = {**columns, "meta": to_json(_meta(first, meta)).decode(), "run_at": when}
     await session.execute(_INSERT_MANY, params)
     for (name, q), n in collections.Counter(zip(columns["tasks"], columns["queues"], strict=True)).items():
         tasks[name].metrics.job_enqueued(name, q, n)

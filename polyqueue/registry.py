@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from polyqueue.errors import ConfigurationError, UnknownTaskError
 from polyqueue.metrics import GuardedMetrics
@@ -17,7 +17,7 @@ from polyqueue.retry import Backoff
 from polyqueue.settings import Settings
 from polyqueue.types import TimeoutStrategy
 
-__all__ = ["Polyqueue", "TaskSpec", "all_tasks", "find_task", "resolve_task"]
+__all__ = ["Polyqueue", "Schedule", "TaskSpec", "all_tasks", "find_task", "resolve_task"]
 
 Handler = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=Handler)
@@ -48,6 +48,30 @@ class TaskSpec:
     def result_adapter(self) -> TypeAdapter[Any]:
         """Validates a stored result back into the handler's return type."""
         return TypeAdapter(Any if self.result_type in (None, inspect.Signature.empty) else self.result_type)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A periodic job: ``task`` enqueued with ``payload`` at each ``cron`` slot (UTC).
+
+    ``name`` (default: the task's name) keys the slots' ``unique_key``
+    (``cron:{name}:{slot}``), so two schedules of one task need two names.
+    """
+
+    name: str
+    task: str
+    cron: str
+    payload: dict[str, Any]
+
+
+def validate_cron(expression: str, where: str) -> None:
+    """``ConfigurationError`` unless croniter is installed and ``expression`` is valid cron."""
+    try:
+        from croniter import croniter  # type: ignore[import-untyped]
+    except ImportError:
+        raise ConfigurationError(f"{where}: cron schedules need croniter: pip install 'polyqueue[cron]'") from None
+    if not croniter.is_valid(expression):
+        raise ConfigurationError(f"{where}: {expression!r} is not a valid cron expression")
 
 
 def _inspect_handler(func: Handler, name: str) -> tuple[type[BaseModel], bool, Any]:
@@ -86,6 +110,7 @@ class Polyqueue:
         if overrides:  # re-validate the overridden values
             self.settings = Settings.model_validate(self.settings.model_dump())
         self.tasks: dict[str, TaskSpec] = {}
+        self.schedules: dict[str, Schedule] = {}
 
     @overload
     def register(self, func: F, /) -> F: ...
@@ -101,6 +126,7 @@ class Polyqueue:
         max_run_seconds: float | None = None,
         timeout_strategy: TimeoutStrategy | str = TimeoutStrategy.RETRY,
         backoff: Backoff | None = None,
+        cron: str | None = None,
     ) -> Callable[[F], F]: ...
 
     def register(  # type: ignore[misc]  # mypy cannot pair a decorator-factory TypeVar with the bare form
@@ -115,11 +141,14 @@ class Polyqueue:
         max_run_seconds: float | None = None,
         timeout_strategy: TimeoutStrategy | str = TimeoutStrategy.RETRY,
         backoff: Backoff | None = None,
+        cron: str | None = None,
     ) -> F | Callable[[F], F]:
         """Register an async handler ``(payload: Model[, ctx: JobContext]) -> Result``.
 
         The task name defaults to the function's name. Raises ``ConfigurationError``
-        for a handler of the wrong shape or a name registered twice.
+        for a handler of the wrong shape or a name registered twice. With ``cron``
+        (e.g. ``"*/5 * * * *"``, UTC) the task is also enqueued periodically, with the
+        payload model's defaults; see :meth:`schedule` for payloads that need values.
         """
 
         def decorate(fn: F) -> F:
@@ -131,6 +160,15 @@ class Polyqueue:
             if max_run_seconds is not None and max_run_seconds <= 0:
                 raise ConfigurationError(f"task {task_name!r}: max_run_seconds must be > 0")
             model, takes_ctx, result_type = _inspect_handler(fn, task_name)
+            if cron is not None:
+                validate_cron(cron, f"task {task_name!r}")
+                try:
+                    default_payload = model().model_dump(mode="json")
+                except ValidationError:
+                    raise ConfigurationError(
+                        f"task {task_name!r}: cron= enqueues the payload model's defaults, but "
+                        f"{model.__name__} has required fields; use app.schedule({task_name!r}, cron, payload=...)"
+                    ) from None
             spec = TaskSpec(
                 name=task_name,
                 func=fn,
@@ -147,9 +185,44 @@ class Polyqueue:
             )
             self.tasks[task_name] = spec
             _ALL_TASKS[task_name] = spec
+            if cron is not None:
+                self.schedules[task_name] = Schedule(task_name, task_name, cron, default_payload)
             return fn
 
         return decorate(func) if func is not None else decorate
+
+    def schedule(
+        self,
+        task: str | Handler,
+        cron: str,
+        *,
+        payload: BaseModel | dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> Schedule:
+        """Enqueue ``task`` (a registered name or handler) with ``payload`` at each ``cron`` slot (UTC).
+
+        The payload is validated now. ``name`` (default: the task's name) must be unique
+        among this app's schedules. The maintenance leader enqueues each slot once.
+        """
+        task_name = (
+            task
+            if isinstance(task, str)
+            else next((n for n, spec in self.tasks.items() if spec.func is task), getattr(task, "__name__", repr(task)))
+        )
+        spec = self.get(task_name)
+        key = name or task_name
+        if key in self.schedules:
+            raise ConfigurationError(f"schedule {key!r} exists already; pass name= to schedule {task_name!r} again")
+        validate_cron(cron, f"schedule {key!r}")
+        try:
+            data = payload.model_dump() if isinstance(payload, BaseModel) else (payload or {})
+            body = spec.payload_model.model_validate(data).model_dump(mode="json")
+        except ValidationError as exc:
+            raise ConfigurationError(
+                f"schedule {key!r}: payload does not fit {spec.payload_model.__name__}: {exc}"
+            ) from exc
+        self.schedules[key] = Schedule(key, task_name, cron, body)
+        return self.schedules[key]
 
     def task_for(self, payload: BaseModel | dict[str, Any], task: str | None = None) -> TaskSpec:
         """The task that takes ``payload``: named by ``task``, or found by the payload's model."""

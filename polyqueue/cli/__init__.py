@@ -3,6 +3,8 @@
     polyqueue worker myapp.jobs:queue      run a worker
     polyqueue relay myapp.jobs:queue       run a relay alone (broker modes)
     polyqueue db upgrade|downgrade|current polyqueue's tables
+    polyqueue inspect stats|workers|jobs|job look at the queue (read-only)
+    polyqueue admin requeue|fail|cancel|prune change jobs
     polyqueue demo                         see it work, on an embedded Postgres
 
 Settings come from ``POLYQUEUE_*`` environment variables; options override them.
@@ -20,6 +22,7 @@ import typer
 from rich.console import Console
 
 from polyqueue import migrations
+from polyqueue.cli._admin import admin_app
 from polyqueue.cli._common import (
     LogFormat,
     LogLevel,
@@ -32,6 +35,7 @@ from polyqueue.cli._common import (
     resolve_url,
 )
 from polyqueue.cli._db import db_app
+from polyqueue.cli._inspect import inspect_app
 from polyqueue.db import mask_url
 from polyqueue.registry import Polyqueue
 
@@ -48,6 +52,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(db_app, name="db")
+app.add_typer(inspect_app, name="inspect")
+app.add_typer(admin_app, name="admin")
 
 AppArgument = Annotated[
     str, typer.Argument(metavar="APP", help="Your Polyqueue instance as 'module:attribute', e.g. myapp.jobs:queue.")
@@ -107,6 +113,15 @@ def worker(
         bool,
         typer.Option("--maintenance/--no-maintenance", help="Also run maintenance: rescue, re-dispatch, pruning."),
     ] = True,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics on this port (/metrics); needs polyqueue[prometheus].",
+            show_default=False,
+        ),
+    ] = None,
     database_url: DatabaseUrlOption = None,
     log_level: LogLevelOption = LogLevel.INFO,
     log_format: LogFormatOption = LogFormat.TEXT,
@@ -130,7 +145,21 @@ def worker(
             mask_url(url[0]),
             pq.settings.queue_backend,
         )
-        run_main(pq, queues=queue_list, concurrency=concurrency, run_relay=relay, run_maintenance=maintenance)
+        metrics = None
+        if metrics_port is not None:
+            from polyqueue.metrics.prometheus import PrometheusMetrics, start_http_server
+
+            metrics = PrometheusMetrics()
+            start_http_server(metrics_port, registry=metrics.registry)
+            log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", metrics_port)
+        run_main(
+            pq,
+            queues=queue_list,
+            concurrency=concurrency,
+            run_relay=relay,
+            run_maintenance=maintenance,
+            metrics=metrics,
+        )
 
 
 @app.command()

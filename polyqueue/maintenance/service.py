@@ -1,5 +1,6 @@
 """The maintenance loop: one leader at a time (a session advisory lock), each pass
-running the services' ``run_once`` — rescue, re-dispatch, prune."""
+running the services' ``run_once`` — rescue, re-dispatch, prune, and the app's periodic
+jobs (``scheduler``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from polyqueue._aio import wait_any
+from polyqueue.maintenance.scheduler import Scheduler
 from polyqueue.metrics import GuardedMetrics
 from polyqueue.queries import job_count_live, job_prune, job_redispatch_stale, job_rescue
+from polyqueue.registry import Polyqueue
 from polyqueue.settings import Settings
 
 __all__ = ["LEADER_LOCK_KEY", "Maintenance", "MaintenanceResult"]
@@ -32,13 +35,22 @@ class MaintenanceResult:
     rescued: list[tuple[str, str]] = field(default_factory=list)  # (job id, new status)
     redispatched: int = 0
     pruned: int = 0
+    scheduled: list[tuple[str, str]] = field(default_factory=list)  # (schedule name, slot) enqueued
 
 
 class Maintenance:
     """Runs maintenance passes while this process holds the leader lock."""
 
-    def __init__(self, engine: AsyncEngine, settings: Settings, metrics: GuardedMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        metrics: GuardedMetrics | None = None,
+        app: Polyqueue | None = None,
+    ) -> None:
+        """With ``app``, each pass also enqueues the due slots of ``app.schedules``."""
         self.engine = engine
+        self.scheduler = Scheduler(app) if app is not None else None
         self.settings = settings
         self.metrics = metrics or GuardedMetrics(None)
         self._leader_conn: AsyncConnection | None = None
@@ -72,6 +84,9 @@ class Maintenance:
         for queue, status in self._reported_depth - seen:  # drained since the last sample: report 0
             self.metrics.queue_depth(queue, status, 0)
         self._reported_depth = seen
+        if self.scheduler is not None and self.scheduler.app.schedules:
+            enqueued = await self.scheduler.run_once(self.engine)
+            result.scheduled = [(e.schedule, e.slot.isoformat()) for e in enqueued]
         return result
 
     async def _try_lead(self) -> bool:

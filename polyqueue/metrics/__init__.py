@@ -9,11 +9,20 @@ Events carry the task and queue as labels. ``job_finished``'s ``outcome`` is one
 ``succeeded``, ``failed``, ``retried``, ``timed_out`` (a time limit ended the attempt;
 the job was retried or failed), ``cancelled``, ``lost`` (the worker no longer owned the
 attempt when it finished).
+
+Two optional hooks carry tracing (:mod:`polyqueue.metrics.otel` implements them):
+``inject_meta(meta)`` may add context (a W3C ``traceparent``) to a job's ``meta`` before
+it is inserted, and ``job_span(task, queue, job_id, attempt, meta)`` returns a context
+manager the worker wraps each attempt in. Like the others they are guarded: a failing
+hook is logged once and the job goes on without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 __all__ = ["GuardedMetrics", "MetricsHook", "NoMetrics"]
@@ -42,6 +51,15 @@ class MetricsHook(Protocol):
     def queue_depth(self, queue: str, status: str, count: int) -> None:
         """A gauge sample of live jobs by queue and status, taken by the maintenance leader."""
 
+    def inject_meta(self, meta: dict[str, Any]) -> None:
+        """Add to a job's ``meta`` before insert (e.g. the enqueuing span's ``traceparent``)."""
+
+    def job_span(
+        self, task: str, queue: str, job_id: str, attempt: int, meta: dict[str, Any]
+    ) -> AbstractContextManager[object]:
+        """A context manager the worker runs the attempt in (e.g. a span linked to ``meta``'s context)."""
+        return contextlib.nullcontext()
+
 
 class NoMetrics:
     """The default hook: records nothing."""
@@ -61,9 +79,7 @@ class GuardedMetrics:
         try:
             method(*args)
         except Exception:  # a failing hook never breaks a job
-            if name not in self._warned:
-                self._warned.add(name)
-                log.exception("metrics hook %s.%s failed (logged once)", type(self.hook).__name__, name)
+            self._failed(name)
 
     def job_enqueued(self, task: str, queue: str, count: int) -> None:
         self._call("job_enqueued", task, queue, count)
@@ -82,3 +98,40 @@ class GuardedMetrics:
 
     def queue_depth(self, queue: str, status: str, count: int) -> None:
         self._call("queue_depth", queue, status, count)
+
+    def inject_meta(self, meta: dict[str, Any]) -> None:
+        self._call("inject_meta", meta)
+
+    @contextlib.contextmanager
+    def job_span(self, task: str, queue: str, job_id: str, attempt: int, meta: dict[str, Any]) -> Iterator[None]:
+        """The hook's ``job_span``, entered and exited under the guard; the job's own
+        exceptions (including cancellation) pass through unchanged."""
+        span: AbstractContextManager[object] | None = None
+        method = getattr(self.hook, "job_span", None)
+        if method is not None:
+            try:
+                span = method(task, queue, job_id, attempt, meta)
+                span.__enter__()
+            except Exception:
+                span = None
+                self._failed("job_span")
+        if span is None:
+            yield
+            return
+        try:
+            yield
+        except BaseException as exc:
+            self._exit(span, exc)
+            raise
+        self._exit(span, None)
+
+    def _exit(self, span: AbstractContextManager[object], exc: BaseException | None) -> None:
+        try:
+            span.__exit__(type(exc) if exc is not None else None, exc, exc.__traceback__ if exc is not None else None)
+        except Exception:
+            self._failed("job_span")
+
+    def _failed(self, name: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            log.exception("metrics hook %s.%s failed (logged once)", type(self.hook).__name__, name)

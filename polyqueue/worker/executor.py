@@ -109,6 +109,10 @@ async def execute(
     )
     try:
         value = await _call(spec, payload, ctx, job)
+    except asyncio.CancelledError:
+        if ctx.session_used:  # roll back the handler's writes and return its connection to the pool
+            await asyncio.shield(ctx.session.close())
+        raise
     except TimeLimitExceeded as exc:
         if job.timeout_strategy == TimeoutStrategy.FAIL:
             return _failed(job, "TimeLimitExceeded", str(exc)), ctx

@@ -96,7 +96,7 @@ class Worker:
             engine, flush_interval=s.completion_flush_interval, batch_size=s.completion_batch_size
         )
         self.relay = Relay(engine, broker, self.listener, s, self.metrics) if broker is not None and run_relay else None
-        self.maintenance = Maintenance(engine, s, self.metrics) if run_maintenance else None
+        self.maintenance = Maintenance(engine, s, self.metrics, app) if run_maintenance else None
         self._running: dict[asyncio.Task[None], Claim] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -263,30 +263,31 @@ class Worker:
             if claim.delivery is not None and self.broker is not None:
                 await self.broker.extend(claim.delivery, self.settings.lease_seconds)
 
-        ctx: JobContext | None = None
-        self.metrics.job_started(job.task, job.queue, max(0.0, (job.started_at - job.run_at).total_seconds()))
-        began = time.perf_counter()
-        try:
+        with self.metrics.job_span(job.task, job.queue, str(job.id), job.attempt, job.meta):
+            ctx: JobContext | None = None
+            self.metrics.job_started(job.task, job.queue, max(0.0, (job.started_at - job.run_at).total_seconds()))
+            began = time.perf_counter()
             try:
-                async with self.source.keepalive(claim):
-                    outcome, ctx = await execute(job, spec, engine=self.engine, heartbeat=heartbeat)
-            except asyncio.CancelledError:
-                if job.id not in self._cancel_requested:
-                    raise  # shutdown: the runtime hands the job back
-                self._cancel_requested.discard(job.id)
-                self._report(job, "cancelled", time.perf_counter() - began, None)
-                await self.source.done(claim)  # Postgres already says cancelled
-                return
-            self._report(job, _outcome_name(outcome), time.perf_counter() - began, outcome.error_type)
-            if ctx is not None and ctx.session_used:
-                await self._complete_in_session(ctx, outcome, claim)
-            else:
-                self.completer.add(outcome, lambda _o, _ok: self.source.done(claim))
-                await self.completer.wait_for_room()  # backpressure: keep the slot while writes lag
-            self.processed += 1
-        finally:
-            if ctx is not None and ctx.session_used:
-                await asyncio.shield(ctx.session.close())
+                try:
+                    async with self.source.keepalive(claim):
+                        outcome, ctx = await execute(job, spec, engine=self.engine, heartbeat=heartbeat)
+                except asyncio.CancelledError:
+                    if job.id not in self._cancel_requested:
+                        raise  # shutdown: the runtime hands the job back
+                    self._cancel_requested.discard(job.id)
+                    self._report(job, "cancelled", time.perf_counter() - began, None)
+                    await self.source.done(claim)  # Postgres already says cancelled
+                    return
+                self._report(job, _outcome_name(outcome), time.perf_counter() - began, outcome.error_type)
+                if ctx is not None and ctx.session_used:
+                    await self._complete_in_session(ctx, outcome, claim)
+                else:
+                    self.completer.add(outcome, lambda _o, _ok: self.source.done(claim))
+                    await self.completer.wait_for_room()  # backpressure: keep the slot while writes lag
+                self.processed += 1
+            finally:
+                if ctx is not None and ctx.session_used:
+                    await asyncio.shield(ctx.session.close())
 
     def _report(self, job: ClaimedJob, outcome: str, seconds: float, error_type: str | None) -> None:
         """One structured log record and one metrics event per finished attempt."""
