@@ -52,3 +52,10 @@ def chaos(session: nox.Session) -> None:
         del extra[extra.index("--broker") : extra.index("--broker") + 2]
     for broker in brokers:
         session.run("python", "-m", "tests.chaos.runner", "--broker", broker, *extra)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs + mkdocstrings); warnings and broken links fail the build."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs)

@@ -151,6 +151,25 @@ async def enqueue(
     field). With ``unique_key``, if a live job (pending, enqueued or running) has that
     key, that job is returned and nothing is inserted; no error is raised, so the
     caller's transaction stays usable.
+
+    Args:
+        session: the caller's ``AsyncSession``; the job joins its transaction.
+        payload: an instance of the task's model, or a dict (then ``task=`` is needed).
+        task: the registered task name; default: the one task taking the payload's model.
+        queue: the queue; default: the task's.
+        priority: lower runs first; default: the task's.
+        max_attempts: attempts allowed in all; default: the task's.
+        max_run_seconds: the time limit of one attempt; default: the task's.
+        timeout_strategy: ``retry``, ``fail`` or ``ignore`` at the time limit; default: the task's.
+        run_at: a timezone-aware time before which the job does not run.
+        delay: seconds (or a ``timedelta``) from now; not together with ``run_at``.
+        unique_key: at most one live job per key (idempotent enqueue).
+        meta: a JSON object stored with the job (tags, trace context).
+
+    Raises:
+        UnknownTaskError: no task, or more than one, matches the payload or ``task``.
+        PayloadError: the payload does not fit the task's model, or is over 1 MB.
+        ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
     """
     row = _row(
         payload,
@@ -215,6 +234,11 @@ async def enqueue_many(
 
     Each payload is validated like :func:`enqueue`'s; the options apply to every job.
     For idempotent enqueue with ``unique_key``, use :func:`enqueue`.
+
+    Raises:
+        UnknownTaskError: a payload matches no task (or several; pass ``task=``).
+        PayloadError: a payload does not fit its task's model, or is over 1 MB.
+        ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
     """
     if not payloads:
         return []

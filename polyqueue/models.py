@@ -29,6 +29,8 @@ from polyqueue.types import LIVE_STATUSES, JobStatus, TimeoutStrategy, WorkerSta
 
 __all__ = ["Base", "Job", "Worker", "metadata"]
 
+#: The ``MetaData`` of polyqueue's two tables (exported as ``polyqueue.polyqueue_metadata``):
+#: add it to your Alembic ``target_metadata`` list beside your own.
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",

@@ -56,14 +56,24 @@ async def get_job_result(session: AsyncSession | AsyncConnection, job_id: uuid.U
 async def get_job_result_typed(
     session: AsyncSession | AsyncConnection, job_id: uuid.UUID | str, model: type[T] | Any
 ) -> T:
-    """The result validated into ``model`` (a BaseModel, or any type pydantic can validate)."""
+    """The result validated into ``model`` (a BaseModel, or any type pydantic can validate).
+
+    Raises:
+        JobNotFoundError, JobNotFinishedError, JobFailedError: as :func:`get_job_result`.
+        pydantic.ValidationError: the stored result does not fit ``model``.
+    """
     value = await get_job_result(session, job_id)
     result: T = TypeAdapter(model).validate_python(value)
     return result
 
 
 async def get_job_result_typed_via_registry(session: AsyncSession | AsyncConnection, job_id: uuid.UUID | str) -> Any:
-    """The result validated into the return annotation of the handler that ran it."""
+    """The result validated into the return annotation of the handler that ran it.
+
+    Raises:
+        JobNotFoundError, JobNotFinishedError, JobFailedError: as :func:`get_job_result`.
+        UnknownTaskError: no app in this process registers the job's task.
+    """
     jid = _as_uuid(job_id)
     row = await _fetch(session, jid)
     value = _interpret(jid, row)
