@@ -23,8 +23,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: lint and format check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "polyqueue", "tests", "benchmarks", "noxfile.py", "dev.py")
-    session.run("ruff", "format", "--check", "polyqueue", "tests", "benchmarks", "noxfile.py", "dev.py")
+    session.run("ruff", "check", "polyqueue", "tests", "benchmarks", "examples", "noxfile.py", "dev.py")
+    session.run("ruff", "format", "--check", "polyqueue", "tests", "benchmarks", "examples", "noxfile.py", "dev.py")
 
 
 @nox.session
