@@ -1,4 +1,4 @@
-"""``polyqueue db upgrade|downgrade|current``: the standalone migration path."""
+"""``polyqueue db upgrade|downgrade|current``: the standalone migration path; ``db install-pgmq``."""
 
 from __future__ import annotations
 
@@ -123,3 +123,43 @@ def current(database_url: DatabaseUrlOption = None) -> None:
         revisions, installed = asyncio.run(_state(url[0]))
         typer.echo(f"database: {mask_url(url[0])}", err=True)  # stdout stays the revision alone, for scripts
         typer.echo(_describe(revisions, installed))
+
+
+async def _install_pgmq(url: str) -> str:
+    from polyqueue.brokers.pgmq import split_url
+    from polyqueue.pgmq_install import bundled_pgmq_version, install_pgmq
+
+    engine = make_engine(split_url(url)[0], pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
+    try:
+        how = await install_pgmq(engine)
+    finally:
+        await engine.dispose()
+    return {
+        "present": "already installed, nothing done",
+        "extension": "installed the pgmq extension (CREATE EXTENSION pgmq)",
+        "sql": f"installed PGMQ {bundled_pgmq_version()} from the SQL bundled in the pgmq package (no extension)",
+    }[how]
+
+
+@db_app.command("install-pgmq")
+def install_pgmq(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Postgres URL to install into (default: POLYQUEUE_BROKER_URL when POLYQUEUE_QUEUE_BACKEND=pgmq, "
+            "else POLYQUEUE_DATABASE_URL; if unset, the embedded Postgres in ./.polyqueue/).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Install PGMQ for queue_backend=pgmq: the extension if the server has it, else its SQL-only install."""
+    url: list[str] = []
+    with cli_errors(url):
+        settings = load_settings(database_url)
+        if not database_url and settings.queue_backend == "pgmq" and settings.broker_url:
+            url.append(settings.broker_url)
+        else:
+            url.append(resolve_url(settings))
+        outcome = asyncio.run(_install_pgmq(url[0]))
+        typer.echo(f"pgmq in {mask_url(url[0])}: {outcome}")
