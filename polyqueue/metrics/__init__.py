@@ -82,24 +82,31 @@ class GuardedMetrics:
             self._failed(name)
 
     def job_enqueued(self, task: str, queue: str, count: int) -> None:
+        """Forward to the hook (guarded)."""
         self._call("job_enqueued", task, queue, count)
 
     def job_dispatched(self, queue: str, count: int) -> None:
+        """Forward to the hook (guarded)."""
         self._call("job_dispatched", queue, count)
 
     def job_started(self, task: str, queue: str, queue_wait_seconds: float) -> None:
+        """Forward to the hook (guarded)."""
         self._call("job_started", task, queue, queue_wait_seconds)
 
     def job_finished(self, task: str, queue: str, outcome: str, run_seconds: float) -> None:
+        """Forward to the hook (guarded)."""
         self._call("job_finished", task, queue, outcome, run_seconds)
 
     def job_rescued(self, queue: str, status: str, count: int) -> None:
+        """Forward to the hook (guarded)."""
         self._call("job_rescued", queue, status, count)
 
     def queue_depth(self, queue: str, status: str, count: int) -> None:
+        """Forward to the hook (guarded)."""
         self._call("queue_depth", queue, status, count)
 
     def inject_meta(self, meta: dict[str, Any]) -> None:
+        """Forward to the hook (guarded)."""
         self._call("inject_meta", meta)
 
     @contextlib.contextmanager

@@ -104,23 +104,29 @@ class CloudWatchMetrics:
         self._buffer.setdefault(key, _Stats()).add(value, samples)
 
     def job_enqueued(self, task: str, queue: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("JobsEnqueued", "Count", count, Task=task, Queue=queue)
 
     def job_dispatched(self, queue: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("JobsDispatched", "Count", count, Queue=queue)
 
     def job_started(self, task: str, queue: str, queue_wait_seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("JobsStarted", "Count", 1, Task=task, Queue=queue)
         self._add("QueueWait", "Seconds", queue_wait_seconds, Task=task, Queue=queue)
 
     def job_finished(self, task: str, queue: str, outcome: str, run_seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("JobsFinished", "Count", 1, Task=task, Queue=queue, Outcome=outcome)
         self._add("RunTime", "Seconds", run_seconds, Task=task, Queue=queue)
 
     def job_rescued(self, queue: str, status: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("JobsRescued", "Count", count, Queue=queue, Status=status)
 
     def queue_depth(self, queue: str, status: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("QueueDepth", "Count", count, Queue=queue, Status=status)
 
     # -- sending --------------------------------------------------------------------------------

@@ -60,18 +60,22 @@ class OtelMetrics:
         return attrs
 
     def job_enqueued(self, task: str, queue: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.enqueued.add(count, self._attrs(task, queue))
 
     def job_dispatched(self, queue: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.dispatched.add(count, self._attrs(None, queue))
 
     def job_started(self, task: str, queue: str, queue_wait_seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         attrs = self._attrs(task, queue)
         self.started.add(1, attrs)
         self.running.add(1, attrs)
         self.queue_wait.record(queue_wait_seconds, attrs)
 
     def job_finished(self, task: str, queue: str, outcome: str, run_seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         attrs = self._attrs(task, queue)
         self.finished.add(1, {**attrs, "polyqueue.outcome": outcome})
         self.running.add(-1, attrs)
@@ -83,9 +87,11 @@ class OtelMetrics:
                 span.set_status(trace.StatusCode.ERROR, outcome)
 
     def job_rescued(self, queue: str, status: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.rescued.add(count, self._attrs(None, queue, status=status))
 
     def queue_depth(self, queue: str, status: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.depth.set(count, self._attrs(None, queue, status=status))
 
     def inject_meta(self, meta: dict[str, Any]) -> None:

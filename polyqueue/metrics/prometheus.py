@@ -73,25 +73,31 @@ class PrometheusMetrics:
         )  # fmt: skip
 
     def job_enqueued(self, task: str, queue: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.enqueued.labels(task, queue).inc(count)
 
     def job_dispatched(self, queue: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.dispatched.labels(queue).inc(count)
 
     def job_started(self, task: str, queue: str, queue_wait_seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.started.labels(task, queue).inc()
         self.queue_wait.labels(task, queue).observe(queue_wait_seconds)
         self.running.labels(task, queue).inc()
 
     def job_finished(self, task: str, queue: str, outcome: str, run_seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.finished.labels(task, queue, outcome).inc()
         self.run_time.labels(task, queue).observe(run_seconds)
         self.running.labels(task, queue).dec()
 
     def job_rescued(self, queue: str, status: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.rescued.labels(queue, status).inc(count)
 
     def queue_depth(self, queue: str, status: str, count: int) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.depth.labels(queue, status).set(count)
 
 
