@@ -1,0 +1,166 @@
+"""End to end with queue_backend="azure_service_bus": real worker processes (each with its
+relay), the unmodified azure-servicebus SDK against the AMQP 1.0 test peer (a peer of this
+test's own, with a 2 s lock), real Postgres. Plus an opt-in run against a real namespace.
+
+Effects go through ctx.session under a unique constraint, so the bar is exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from polyqueue import enqueue, enqueue_many
+from polyqueue.brokers.base import Message
+from polyqueue.brokers.servicebus import ServiceBusBroker
+from tests.apps.effects import EFFECTS_DDL, Effect
+from tests.helpers import scalar, spawn_worker, wait_all_terminal, wait_until
+from tests.servicebus_peer.peer import ServiceBusPeer
+
+APP = "tests.apps.effects:app"
+LOCK_SECONDS = 2.0
+REAL_ENV = "POLYQUEUE_TEST_AZURE_SERVICEBUS_CONNECTION"
+
+
+@pytest.fixture
+def peer() -> Iterator[ServiceBusPeer]:
+    """A peer of this test's own (not started: the test starts it, or stops it)."""
+    p = ServiceBusPeer(lock_duration=LOCK_SECONDS)
+    yield p
+    p.stop()
+
+
+def _env(peer: ServiceBusPeer) -> dict[str, str]:
+    return {
+        "POLYQUEUE_QUEUE_BACKEND": "azure_service_bus",
+        "POLYQUEUE_BROKER_URL": peer.connection_string,
+        "POLYQUEUE_LEASE_SECONDS": str(LOCK_SECONDS),
+    }
+
+
+async def _tables(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        for ddl in EFFECTS_DDL:
+            await conn.execute(text(ddl))
+
+
+async def _enqueue(engine: AsyncEngine, count: int) -> None:
+    async with AsyncSession(engine) as s, s.begin():
+        await enqueue_many(s, [Effect(n=i) for i in range(count)])
+
+
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+async def _exactly_once(engine: AsyncEngine, count: int) -> None:
+    assert await scalar(engine, "SELECT count(*) FROM effects") == count
+    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == count
+
+
+async def _count(engine: AsyncEngine, table: str, at_least: int) -> bool:
+    return bool(await scalar(engine, f"SELECT count(*) FROM {table}") >= at_least)  # noqa: S608 - test constant
+
+
+async def test_two_racing_workers_run_each_job_exactly_once(
+    engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer
+) -> None:
+    peer.start()
+    await _tables(engine)
+    await _enqueue(engine, 200)
+    workers = [spawn_worker(db_url, APP, env=_env(peer)) for _ in range(2)]
+    try:
+        await wait_all_terminal(engine, 200, timeout=90)
+    finally:
+        _stop(*workers)
+    await _exactly_once(engine, 200)
+    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE attempt <> 1") == 0
+    assert await scalar(engine, "SELECT count(DISTINCT pid) FROM effects") == 2  # both really worked
+    assert all(w.returncode == 0 for w in workers)
+
+
+async def test_sigkill_mid_job_is_redelivered_after_lock_expiry(
+    engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer
+) -> None:
+    peer.start()
+    await _tables(engine)
+    async with AsyncSession(engine) as s, s.begin():
+        await enqueue(s, Effect(n=1, seconds=60))
+    victim = spawn_worker(db_url, APP, env=_env(peer))
+    try:
+        await wait_until(lambda: _count(engine, "starts", 1), what="the job to start")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        _stop(victim)
+    rescuer = spawn_worker(db_url, APP, env=_env(peer))
+    try:
+        await wait_all_terminal(engine, 1, timeout=40)
+    finally:
+        _stop(rescuer)
+    await _exactly_once(engine, 1)
+    assert await scalar(engine, "SELECT attempt FROM polyqueue_jobs") == 2
+
+
+async def test_jobs_committed_while_the_broker_is_down_all_run_once_it_is_back(
+    engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer
+) -> None:
+    await _tables(engine)  # the peer is not started yet: nothing listens on its port
+    worker = spawn_worker(db_url, APP, env=_env(peer))
+    try:
+        await _enqueue(engine, 50)  # enqueue never needs the broker
+        await wait_until(lambda: _count(engine, "polyqueue_workers", 1), what="the worker to register")
+        assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'pending'") == 50
+        peer.start()
+        await wait_all_terminal(engine, 50, timeout=90)
+    finally:
+        _stop(worker)
+    await _exactly_once(engine, 50)
+    assert worker.returncode == 0
+
+
+@pytest.mark.skipif(
+    not os.environ.get(REAL_ENV),
+    reason=f"{REAL_ENV} is unset: set it to a real namespace's (or Microsoft's emulator's) connection string "
+    "with a queue named 'polyqueue-test' to run this (see docs/brokers/azure-service-bus.md)",
+)
+async def test_real_namespace_publish_receive_renew_complete() -> None:
+    broker = ServiceBusBroker(os.environ[REAL_ENV], lease_seconds=30.0, queue_prefix="polyqueue-")
+    queue = os.environ.get("POLYQUEUE_TEST_AZURE_SERVICEBUS_QUEUE", "test")
+    try:
+        await broker.ensure([queue])
+        sent = [Message(uuid.uuid4(), queue) for _ in range(3)]
+        await broker.publish(sent)
+        got = []
+        for _ in range(20):
+            got += await broker.receive([queue], 10, 2.0)
+            if {d.job_id for d in got} >= {m.job_id for m in sent}:
+                break
+        ours = [d for d in got if d.job_id in {m.job_id for m in sent}]
+        assert len(ours) == 3
+        await broker.extend(ours[0], 30.0)
+        await broker.release(ours[1])
+        for d in got:
+            if d is not ours[1]:
+                await broker.ack(d)
+        [again] = [d for d in await broker.receive([queue], 10, 10.0) if d.job_id == ours[1].job_id]
+        assert again.delivery_count == ours[1].delivery_count + 1
+        await broker.ack(again)
+    finally:
+        await broker.close()
