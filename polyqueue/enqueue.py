@@ -25,9 +25,6 @@ from polyqueue.types import LIVE_STATUSES, TimeoutStrategy, new_job_id
 __all__ = ["enqueue", "enqueue_many"]
 
 
-#: A payload larger than this (serialised JSON, bytes) is refused at enqueue time.
-MAX_PAYLOAD_BYTES = 1_000_000
-
 _LIVE = [s.value for s in LIVE_STATUSES]
 _UNIQUE_LIVE = text("unique_key IS NOT NULL AND status IN ({})".format(", ".join(f"'{s}'" for s in _LIVE)))
 
@@ -51,9 +48,9 @@ def _validated_model(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> 
 
 
 def _check_size(spec: TaskSpec, size: int) -> None:
-    if size > MAX_PAYLOAD_BYTES:
+    if size > spec.max_payload_bytes:
         raise PayloadError(
-            f"payload for task {spec.name!r} is {size} bytes; the limit is {MAX_PAYLOAD_BYTES} "
+            f"payload for task {spec.name!r} is {size} bytes; the limit is {spec.max_payload_bytes} "
             "(store large data elsewhere and enqueue a reference)"
         )
 

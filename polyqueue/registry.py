@@ -42,6 +42,8 @@ class TaskSpec:
     max_run_seconds: float | None = None
     timeout_strategy: TimeoutStrategy = TimeoutStrategy.RETRY
     backoff: Backoff = field(default_factory=Backoff)
+    max_payload_bytes: int = 1_000_000
+    max_result_bytes: int = 1_000_000
     metrics: GuardedMetrics = field(default_factory=lambda: GuardedMetrics(None), repr=False, compare=False)
 
     @property
@@ -182,6 +184,8 @@ class Polyqueue:
                 timeout_strategy=TimeoutStrategy(timeout_strategy),
                 backoff=backoff or Backoff(),
                 metrics=self.metrics,
+                max_payload_bytes=self.settings.max_payload_bytes,
+                max_result_bytes=self.settings.max_result_bytes,
             )
             self.tasks[task_name] = spec
             _ALL_TASKS[task_name] = spec

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         description="Enqueued jobs unclaimed this long go back to pending (lost delivery).",
     )
     relay_batch_size: int = Field(default=500, ge=1, description="Jobs the relay publishes per batch.")
+    max_payload_bytes: int = Field(
+        default=1_000_000, ge=1, description="Largest payload (JSON bytes) enqueue accepts; larger is refused."
+    )
+    max_result_bytes: int = Field(
+        default=1_000_000, ge=1, description="Largest result (JSON bytes) stored; larger fails the job."
+    )
     lease_seconds: float = Field(default=30.0, gt=0, description="Broker lease (visibility) of a delivery.")
 
     @field_validator("queue_backend", mode="before")

@@ -115,6 +115,14 @@ async def unserialisable(payload: Note) -> object:
     return object()
 
 
+small = make_app(max_result_bytes=100, max_payload_bytes=200)
+
+
+@small.register(name="huge_result", queue="small")
+async def huge_result(payload: Note) -> str:
+    return payload.text * 1000
+
+
 @app.register(max_attempts=3, backoff=FAST_RETRY)
 async def writes_note(payload: Note, ctx: JobContext) -> str:
     await ctx.session.execute(text("INSERT INTO notes (text) VALUES (:t)"), {"t": payload.text})
@@ -364,3 +372,18 @@ async def test_a_claim_whose_reply_was_lost_is_handed_back_and_run(engine: Async
         await wait_until(done, what="the orphaned claim to be handed back and run")
     status, attempt, errors = await status_of(engine, job)
     assert (status, attempt, errors) == ("succeeded", 1, [])  # the lost attempt was never counted
+
+
+async def test_size_limits_are_configurable_with_clear_errors(engine: AsyncEngine) -> None:
+    from polyqueue import PayloadError
+
+    with pytest.raises(PayloadError, match="limit is 200"):
+        await enqueue_one(engine, Note(text="x" * 500), task="huge_result")
+    job = await enqueue_one(engine, Note(text="abc"), task="huge_result")
+    ok = await enqueue_one(engine, Numbers(a=1, b=1))
+    async with running_worker(small, engine, queues=["small"]), running_worker(app, engine):
+        await wait_all_terminal(engine, 2)
+    status, attempt, errors = await status_of(engine, job)
+    assert (status, attempt, errors[0]["type"]) == ("failed", 1, "ResultTooLarge")
+    assert "max_result_bytes" in str(errors[0]["message"])
+    assert (await status_of(engine, ok))[0] == "succeeded"

@@ -131,4 +131,11 @@ async def execute(
         return _failed(
             job, "ResultNotSerializable", f"result of task {job.task!r} is not JSON-serialisable: {exc}"
         ), ctx
+    if len(result_json) > spec.max_result_bytes:
+        return _failed(
+            job,
+            "ResultTooLarge",
+            f"result of task {job.task!r} is {len(result_json)} bytes; the limit is {spec.max_result_bytes} "
+            "(max_result_bytes): store large results elsewhere and return a reference",
+        ), ctx
     return Outcome(job.id, job.attempt, job.worker_id, "succeeded", result_json=result_json), ctx
