@@ -4,7 +4,8 @@ Per batch, in one transaction: lock due pending rows (``SKIP LOCKED``, so severa
 relays share the work), publish them, mark them ``enqueued``, commit. If publishing
 fails the transaction rolls back and the jobs stay ``pending``. If the commit fails
 after a publish, the next pass publishes again and the worker's claim drops the
-duplicate.
+duplicate — except for a broker with ``capabilities.transactional_publish`` (PGMQ in
+the jobs' database), whose publish joins this transaction and rolls back with it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._aio import wait_any
-from polyqueue.brokers.base import Broker, Message
+from polyqueue.brokers.base import Broker, Message, TransactionalPublisher
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.metrics import GuardedMetrics
@@ -57,7 +58,11 @@ class Relay:
             rows = await job_take_for_dispatch(conn, self.batch_size)
             if not rows:
                 return 0
-            await self.broker.publish([Message(job_id, queue) for job_id, queue in rows])
+            messages = [Message(job_id, queue) for job_id, queue in rows]
+            if self.broker.capabilities.transactional_publish and isinstance(self.broker, TransactionalPublisher):
+                await self.broker.publish_in(conn, messages)  # commits or rolls back with the mark below
+            else:
+                await self.broker.publish(messages)
             await job_mark_enqueued(conn, [job_id for job_id, _ in rows])
         self.published += len(rows)
         for queue, count in collections.Counter(q for _, q in rows).items():

@@ -41,7 +41,7 @@ async def run_worker(
     s = app.settings
     own_engine = engine is None
     engine = engine or make_engine(database_url(s.database_url, s.embedded_dir), pool_size=8)
-    broker = broker if broker is not None else make_broker(s)
+    broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
     worker = Worker(
         app,
         engine,
@@ -63,6 +63,10 @@ async def run_worker(
         if own_engine:
             await engine.dispose()
     return worker
+
+
+def _url_of(engine: AsyncEngine) -> str:
+    return engine.url.render_as_string(hide_password=False)
 
 
 async def _stop_when(stopping: asyncio.Event, worker: Worker) -> None:
@@ -107,11 +111,13 @@ async def run_relay(
 ) -> Relay:
     """Run a relay alone (``polyqueue relay``) until ``stopping`` is set or SIGTERM/SIGINT."""
     s = app.settings
-    broker = broker if broker is not None else make_broker(s)
-    if broker is None:
-        raise ConfigurationError("queue_backend 'postgres' needs no relay: workers claim from the table directly")
     own_engine = engine is None
     engine = engine or make_engine(database_url(s.database_url, s.embedded_dir), pool_size=4)
+    broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
+    if broker is None:
+        if own_engine:
+            await engine.dispose()
+        raise ConfigurationError("queue_backend 'postgres' needs no relay: workers claim from the table directly")
     stopping = stopping or asyncio.Event()
     loop = asyncio.get_running_loop()
     if install_signal_handlers:

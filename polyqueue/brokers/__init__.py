@@ -23,8 +23,12 @@ ADAPTERS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def make_broker(settings: Settings) -> Broker | None:
-    """The broker for ``settings.queue_backend``; None for direct Postgres mode."""
+def make_broker(settings: Settings, *, database_url: str | None = None) -> Broker | None:
+    """The broker for ``settings.queue_backend``; None for direct Postgres mode.
+
+    ``database_url`` is the jobs' database as resolved (the embedded one when none is
+    configured), for brokers that live in Postgres.
+    """
     backend = settings.queue_backend
     if backend == "postgres":
         return None
@@ -47,6 +51,6 @@ def make_broker(settings: Settings) -> Broker | None:
                 f"queue_backend {backend!r} is not available in this version of polyqueue"
             ) from exc
         raise
-    config = BrokerConfig(settings.broker_url, settings.lease_seconds, settings.database_url)
+    config = BrokerConfig(settings.broker_url, settings.lease_seconds, database_url or settings.database_url)
     broker: Broker = module.create(config)
     return broker

@@ -11,9 +11,21 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-__all__ = ["Broker", "BrokerConfig", "Capabilities", "Delivery", "Message", "decode_message", "encode_message"]
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = [
+    "Broker",
+    "BrokerConfig",
+    "Capabilities",
+    "Delivery",
+    "Message",
+    "TransactionalPublisher",
+    "decode_message",
+    "encode_message",
+]
 
 #: A message body larger than this is malformed by definition (ours are ~70 bytes).
 MAX_MESSAGE_BYTES = 4096
@@ -47,6 +59,8 @@ class Capabilities:
     delayed_release: bool = True  # release(delay>0) holds the message back
     survives_restart: bool = True  # messages outlive the process
     dead_letter: bool = False  # deliveries received too often are moved aside, not redelivered forever
+    # publish_in(conn, messages) joins the caller's database transaction (PGMQ in the jobs' database)
+    transactional_publish: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +105,14 @@ class Broker(Protocol):
 
     async def close(self) -> None:
         """Release connections; a receive in progress returns."""
+
+
+@runtime_checkable
+class TransactionalPublisher(Protocol):
+    """A broker whose ``capabilities.transactional_publish`` is True also has ``publish_in``."""
+
+    async def publish_in(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
+        """Publish on ``conn`` inside its open transaction: visible on commit, gone on rollback."""
 
 
 def encode_message(message: Message) -> bytes:

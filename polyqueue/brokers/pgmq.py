@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -369,11 +368,13 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 
 def _capabilities(*, transactional_publish: bool) -> Capabilities:
-    caps = Capabilities(lease=True, delayed_release=True, survives_restart=True, dead_letter=False)
-    # ``transactional_publish`` is the flag proposed for base.Capabilities: set once it exists there.
-    if any(f.name == "transactional_publish" for f in dataclasses.fields(Capabilities)):
-        caps = dataclasses.replace(caps, **{"transactional_publish": transactional_publish})
-    return caps
+    return Capabilities(
+        lease=True,
+        delayed_release=True,
+        survives_restart=True,
+        dead_letter=False,
+        transactional_publish=transactional_publish,
+    )
 
 
 def split_url(url: str | URL) -> tuple[URL, dict[str, str]]:
