@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
-__all__ = ["wait_any"]
+__all__ = ["wait_any", "wait_any_future"]
 
 
 async def wait_any(*events: asyncio.Event, seconds: float | None) -> bool:
@@ -21,3 +22,17 @@ async def wait_any(*events: asyncio.Event, seconds: float | None) -> bool:
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*waiters, return_exceptions=True)
     return bool(done)
+
+
+async def wait_any_future(future: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+    """Wait for ``future`` or for ``stop``; True when the future finished first (or both)."""
+    if future.done():
+        return True
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([future, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
+    return future.done()

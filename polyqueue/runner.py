@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -17,6 +18,8 @@ from polyqueue.relay import Relay
 from polyqueue.worker.runtime import Worker
 
 __all__ = ["main", "run_relay", "run_worker"]
+
+log = logging.getLogger("polyqueue.runner")
 
 
 async def run_worker(
@@ -59,10 +62,25 @@ async def run_worker(
         if watcher is not None:
             watcher.cancel()
         if broker is not None:
-            await broker.close()
+            await _close_broker(broker)
         if own_engine:
-            await engine.dispose()
+            await _bounded_dispose(engine)
     return worker
+
+
+async def _bounded_dispose(engine: AsyncEngine) -> None:
+    try:
+        await asyncio.wait_for(engine.dispose(), 10)
+    except TimeoutError:
+        log.warning("closing the database pool took over 10 s; leaving it")
+
+
+async def _close_broker(broker: Broker) -> None:
+    """Close the broker, bounded: an SDK stuck on a dead connection must not keep the process alive."""
+    try:
+        await asyncio.wait_for(broker.close(), 10)
+    except TimeoutError:
+        log.warning("closing broker %s took over 10 s; leaving it", broker.name)
 
 
 def _url_of(engine: AsyncEngine) -> str:
@@ -133,7 +151,7 @@ async def run_relay(
         await relay.run(stopping)
     finally:
         await listener.close()
-        await broker.close()
+        await _close_broker(broker)
         if own_engine:
             await engine.dispose()
     return relay

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -65,6 +66,8 @@ def _stop(*procs: subprocess.Popen[bytes]) -> None:
         try:
             p.wait(20)
         except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGUSR1)  # tests/apps/run_worker.py dumps its stacks: where it hung
+            time.sleep(1)
             p.kill()
             p.wait()
 

@@ -15,11 +15,11 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._aio import wait_any
+from polyqueue._aio import wait_any, wait_any_future
 from polyqueue.brokers.base import Broker
 from polyqueue.context import JobContext
 from polyqueue.errors import BrokerError
@@ -48,6 +48,19 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("polyqueue.worker")
 job_log = logging.getLogger("polyqueue.job")
+
+
+async def _bounded(what: str, awaitable: Awaitable[object], seconds: float = 10.0) -> None:
+    """Await a shutdown step for at most ``seconds``: a broker SDK stuck on a dead link (or a
+    handler that swallows cancellation) must not keep a stopping worker alive. Nothing is lost
+    by moving on: Postgres holds every job, and the worker is marked stopped regardless."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait([task], timeout=seconds)
+    if not done:
+        task.cancel()
+        log.error("shutdown: %s did not finish within %.0f s; going on without it", what, seconds)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("shutdown: %s failed: %s", what, task.exception())
 
 
 def _outcome_name(outcome: Outcome) -> str:
@@ -221,7 +234,7 @@ class Worker:
                 continue
             wait = 0.0 if (burst or self._running) else self.settings.poll_interval
             try:
-                claims = await self.source.fetch(self.worker_id, free, wait)
+                claims = await self._fetch_unless_stopped(free, wait)
             except Exception as exc:
                 log.warning("claiming jobs failed: %s; retrying", exc)
                 await wait_any(self._stopping, seconds=1.0)
@@ -245,6 +258,20 @@ class Worker:
             if str(claim.job.id) in wanted:
                 self._cancel_requested.add(claim.job.id)
                 task.cancel()
+
+    async def _fetch_unless_stopped(self, free: int, wait: float) -> list[Claim]:
+        """``source.fetch``, abandoned when a stop is requested (a broker SDK can block on a dead link).
+
+        Jobs an abandoned fetch had already claimed stay 'running' under this worker, which is
+        then marked stopped, so maintenance rescues them; their deliveries are redelivered.
+        """
+        fetch = asyncio.ensure_future(self.source.fetch(self.worker_id, free, wait))
+        if not await wait_any_future(fetch, self._stopping):
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetch
+            return []
+        return fetch.result()
 
     def _job_finished(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
@@ -350,20 +377,20 @@ class Worker:
                 claims = [self._running[t] for t in pending if t in self._running]
                 for t in pending:
                     t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                await _bounded("cancelling unfinished jobs", asyncio.gather(*pending, return_exceptions=True))
                 await self._hand_back(claims)
         await self.completer.close()
         for t in self._background:
             t.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await _bounded("stopping background loops", asyncio.gather(*self._background, return_exceptions=True))
         self._background.clear()
         try:
             async with self.engine.begin() as conn:
                 await worker_stop(conn, self.worker_id)
         except Exception as exc:
             log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
-        await self.source.close()
-        await self.listener.close()
+        await _bounded("closing the job source", self.source.close())
+        await _bounded("closing the LISTEN connection", self.listener.close())
         log.info("worker %s stopped after %d jobs", self.worker_id, self.processed)
 
     async def _hand_back(self, claims: list[Claim]) -> None:
