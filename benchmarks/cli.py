@@ -89,10 +89,10 @@ async def _main(args: argparse.Namespace) -> list[Result]:
     db = await create_database(args.database_url)
     results: list[Result] = []
     try:
-        how = await migrate(db.url)
         # benchmarks.app builds its Polyqueue from these; the worker subprocess gets the same values.
-        os.environ["PQBENCH_DATABASE_URL"] = db.url_str
         os.environ["PQBENCH_QUEUE_BACKEND"] = args.backend
+        how = await migrate(db.url)
+        os.environ["PQBENCH_DATABASE_URL"] = db.url_str
         if args.broker_url:
             os.environ["PQBENCH_BROKER_URL"] = args.broker_url
         print(

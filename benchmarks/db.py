@@ -100,6 +100,10 @@ async def migrate(url: URL) -> str:
                 await conn.run_sync(metadata.create_all)
             return "metadata.create_all"
         await upgrade(engine)
+        if os.environ.get("PQBENCH_QUEUE_BACKEND") == "pgmq":  # PGMQ in the jobs' database
+            from polyqueue.pgmq_install import install_pgmq
+
+            await install_pgmq(engine)
         return "polyqueue.migrations.upgrade"
     finally:
         await engine.dispose()
