@@ -91,3 +91,48 @@ def spawn_worker(
         full_env[f"POLYQUEUE_{key.upper()}"] = str(value)
     full_env.update(env or {})
     return subprocess.Popen([sys.executable, "-m", "tests.apps.run_worker", app_path], env=full_env, cwd=ROOT)
+
+
+# -- shared by the end-to-end tests of every broker (tests/test_*_e2e.py) -------------------------
+async def create_effect_tables(engine: AsyncEngine) -> None:
+    """The ``effects``/``starts`` tables of tests/apps/effects.py."""
+    from tests.apps.effects import EFFECTS_DDL
+
+    async with engine.begin() as conn:
+        for ddl in EFFECTS_DDL:
+            await conn.execute(text(ddl))
+
+
+async def enqueue_effects(engine: AsyncEngine, count: int, seconds: float = 0.0) -> None:
+    """``count`` jobs of tests/apps/effects.py's ``record`` in one committed transaction."""
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from polyqueue import enqueue_many
+    from tests.apps.effects import Effect
+
+    async with AsyncSession(engine) as s, s.begin():
+        await enqueue_many(s, [Effect(n=i, seconds=seconds) for i in range(count)])
+
+
+def stop_processes(*procs: subprocess.Popen[bytes]) -> None:
+    """SIGTERM worker processes and wait; one stuck past 20 s dumps its stacks (SIGUSR1) and is killed."""
+    import signal
+    import time
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGUSR1)  # tests/apps/run_worker.py prints where it hung
+            time.sleep(1)
+            p.kill()
+            p.wait()
+
+
+async def assert_exactly_once(engine: AsyncEngine, count: int) -> None:
+    """Every one of ``count`` jobs succeeded and took effect exactly once."""
+    assert await scalar(engine, "SELECT count(*) FROM effects") == count
+    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == count

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import Polyqueue, enqueue, enqueue_many
+from polyqueue import Polyqueue, enqueue
 from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message
 from polyqueue.brokers.pgmq import PgmqBroker, create
 from polyqueue.pgmq_install import install_pgmq
@@ -31,7 +30,15 @@ from polyqueue.runner import run_relay
 from tests import services
 from tests.apps.effects import EFFECTS_DDL, Effect
 from tests.brokers.harness_pgmq import pgmq_database, set_connectable
-from tests.helpers import scalar, spawn_worker, wait_all_terminal, wait_until
+from tests.helpers import (
+    assert_exactly_once,
+    enqueue_effects,
+    scalar,
+    spawn_worker,
+    stop_processes,
+    wait_all_terminal,
+    wait_until,
+)
 from tests.services import url_str
 
 APP = "tests.apps.effects:app"
@@ -65,28 +72,6 @@ def _env(**extra: str) -> dict[str, str]:
     return {"POLYQUEUE_QUEUE_BACKEND": "pgmq", "POLYQUEUE_LEASE_SECONDS": "2", **extra}
 
 
-async def _enqueue(engine: AsyncEngine, count: int, seconds: float = 0.0) -> None:
-    async with AsyncSession(engine) as s, s.begin():
-        await enqueue_many(s, [Effect(n=i, seconds=seconds) for i in range(count)])
-
-
-def _stop(*procs: subprocess.Popen[bytes]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-async def _exactly_once(engine: AsyncEngine, count: int) -> None:
-    assert await scalar(engine, "SELECT count(*) FROM effects") == count
-    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == count
-
-
 async def _count(engine: AsyncEngine, sql: str, at_least: int) -> bool:
     return bool(await scalar(engine, sql) >= at_least)
 
@@ -106,13 +91,13 @@ async def _purge(engine: AsyncEngine) -> int:
 
 # -- end to end ----------------------------------------------------------------------------------
 async def test_two_racing_workers_run_each_job_exactly_once(pgmq_engine: AsyncEngine, db_url: URL) -> None:
-    await _enqueue(pgmq_engine, 400)
+    await enqueue_effects(pgmq_engine, 400)
     workers = [spawn_worker(db_url, APP, env=_env()) for _ in range(2)]
     try:
         await wait_all_terminal(pgmq_engine, 400, timeout=60)
     finally:
-        _stop(*workers)
-    await _exactly_once(pgmq_engine, 400)
+        stop_processes(*workers)
+    await assert_exactly_once(pgmq_engine, 400)
     assert await scalar(pgmq_engine, "SELECT count(*) FROM polyqueue_jobs WHERE attempt <> 1") == 0
     assert await scalar(pgmq_engine, "SELECT count(DISTINCT pid) FROM effects") == 2  # both really worked
     assert await _queued(pgmq_engine) == 0  # every ack landed
@@ -130,7 +115,7 @@ async def test_sigkill_mid_job_is_redelivered_after_visibility_expiry(pgmq_engin
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
-        _stop(victim)
+        stop_processes(victim)
     rescuer = spawn_worker(db_url, APP, env=env)
     try:
         await wait_all_terminal(pgmq_engine, 1, timeout=30)
@@ -138,8 +123,8 @@ async def test_sigkill_mid_job_is_redelivered_after_visibility_expiry(pgmq_engin
         # before the rescue (then it carries attempt 2) or after (then it is acked as stale).
         await wait_until(lambda: _empty(pgmq_engine), what="the killed worker's message to be redelivered")
     finally:
-        _stop(rescuer)
-    await _exactly_once(pgmq_engine, 1)
+        stop_processes(rescuer)
+    await assert_exactly_once(pgmq_engine, 1)
     assert await scalar(pgmq_engine, "SELECT attempt FROM polyqueue_jobs") == 2
     reads = "SELECT max(read_ct) FROM pgmq.a_polyqueue_default WHERE message->>'id' = :id"
     assert await scalar(pgmq_engine, reads, id=str(job_id)) >= 2
@@ -151,7 +136,7 @@ async def test_jobs_committed_while_pgmq_is_unavailable_all_run_once_it_is_back(
     await set_connectable(broker_db, False)  # PGMQ's database refuses everyone; the jobs' does not
     worker = spawn_worker(db_url, APP, env=_env(POLYQUEUE_BROKER_URL=url_str(broker_db)))
     try:
-        await _enqueue(pgmq_engine, 50)  # enqueue never needs the broker
+        await enqueue_effects(pgmq_engine, 50)  # enqueue never needs the broker
         registered = "SELECT count(*) FROM polyqueue_workers"
         await wait_until(lambda: _count(pgmq_engine, registered, 1), what="the worker to register while PGMQ is down")
         await asyncio.sleep(1.0)  # the relay's publishes fail meanwhile
@@ -159,14 +144,14 @@ async def test_jobs_committed_while_pgmq_is_unavailable_all_run_once_it_is_back(
         await set_connectable(broker_db, True)
         await wait_all_terminal(pgmq_engine, 50, timeout=60)
     finally:
-        _stop(worker)
-    await _exactly_once(pgmq_engine, 50)
+        stop_processes(worker)
+    await assert_exactly_once(pgmq_engine, 50)
     assert worker.returncode == 0
     assert await scalar(pgmq_engine, "SELECT to_regclass('pgmq.q_polyqueue_default')") is None  # not in the jobs' DB
 
 
 async def test_purged_queue_is_repaired_by_the_redispatch_backstop(pgmq_engine: AsyncEngine, db_url: URL) -> None:
-    await _enqueue(pgmq_engine, 30)
+    await enqueue_effects(pgmq_engine, 30)
     relay_app = Polyqueue(database_url=url_str(db_url), queue_backend="pgmq", poll_interval=0.1)
     stopping = asyncio.Event()
     relay = asyncio.create_task(run_relay(relay_app, engine=pgmq_engine, stopping=stopping))
@@ -180,8 +165,8 @@ async def test_purged_queue_is_repaired_by_the_redispatch_backstop(pgmq_engine: 
     try:
         await wait_all_terminal(pgmq_engine, 30, timeout=60)
     finally:
-        _stop(worker)
-    await _exactly_once(pgmq_engine, 30)
+        stop_processes(worker)
+    await assert_exactly_once(pgmq_engine, 30)
 
 
 # -- same-database transactional publish ---------------------------------------------------------
@@ -195,7 +180,7 @@ async def test_publish_in_commits_and_rolls_back_with_the_callers_transaction(
     assert broker.same_database
     try:
         await broker.ensure(["default"])
-        await _enqueue(pgmq_engine, 5)
+        await enqueue_effects(pgmq_engine, 5)
         with pytest.raises(Crash):
             async with pgmq_engine.begin() as conn:
                 rows = await job_take_for_dispatch(conn, 100)
@@ -237,7 +222,7 @@ async def test_relay_crash_between_publish_and_mark_leaves_no_message(
     broker = create(BrokerConfig(None, 2.0, url_str(db_url)))
     try:
         await broker.ensure(["default"])
-        await _enqueue(pgmq_engine, 5)
+        await enqueue_effects(pgmq_engine, 5)
 
         async def crash(*_args: object, **_kwargs: object) -> None:
             raise Crash

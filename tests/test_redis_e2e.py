@@ -7,19 +7,26 @@ Effects go through ctx.session under a unique constraint, so the bar is exactly 
 from __future__ import annotations
 
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import enqueue, enqueue_many
+from polyqueue import enqueue
 from polyqueue.runner import run_relay
-from tests.apps.effects import EFFECTS_DDL, Effect
-from tests.helpers import scalar, spawn_worker, wait_all_terminal, wait_until
+from tests.apps.effects import Effect
+from tests.helpers import (
+    assert_exactly_once,
+    create_effect_tables,
+    enqueue_effects,
+    scalar,
+    spawn_worker,
+    stop_processes,
+    wait_all_terminal,
+    wait_until,
+)
 from tests.redis_service import RedisServer, redis_server_exe
 
 APP = "tests.apps.effects:app"
@@ -45,45 +52,17 @@ def _redis_env(server: RedisServer, **extra: str) -> dict[str, str]:
     }
 
 
-async def _tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        for ddl in EFFECTS_DDL:
-            await conn.execute(text(ddl))
-
-
-async def _enqueue(engine: AsyncEngine, count: int, seconds: float = 0.0) -> None:
-    async with AsyncSession(engine) as s, s.begin():
-        await enqueue_many(s, [Effect(n=i, seconds=seconds) for i in range(count)])
-
-
-def _stop(*procs: subprocess.Popen[bytes]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-async def _exactly_once(engine: AsyncEngine, count: int) -> None:
-    assert await scalar(engine, "SELECT count(*) FROM effects") == count
-    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == count
-
-
 async def test_two_racing_workers_run_each_job_exactly_once(
     engine: AsyncEngine, db_url: URL, redis_server: RedisServer
 ) -> None:
-    await _tables(engine)
-    await _enqueue(engine, 400)
+    await create_effect_tables(engine)
+    await enqueue_effects(engine, 400)
     workers = [spawn_worker(db_url, APP, env=_redis_env(redis_server)) for _ in range(2)]
     try:
         await wait_all_terminal(engine, 400, timeout=60)
     finally:
-        _stop(*workers)
-    await _exactly_once(engine, 400)
+        stop_processes(*workers)
+    await assert_exactly_once(engine, 400)
     assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE attempt <> 1") == 0
     assert await scalar(engine, "SELECT count(DISTINCT pid) FROM effects") == 2  # both really worked
     assert all(w.returncode == 0 for w in workers)
@@ -92,7 +71,7 @@ async def test_two_racing_workers_run_each_job_exactly_once(
 async def test_sigkill_mid_job_recovers_through_lease_and_rescue(
     engine: AsyncEngine, db_url: URL, redis_server: RedisServer
 ) -> None:
-    await _tables(engine)
+    await create_effect_tables(engine)
     async with AsyncSession(engine) as s, s.begin():
         await enqueue(s, Effect(n=1, seconds=60))
     victim = spawn_worker(db_url, APP, env=_redis_env(redis_server))
@@ -101,24 +80,24 @@ async def test_sigkill_mid_job_recovers_through_lease_and_rescue(
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
-        _stop(victim)
+        stop_processes(victim)
     rescuer = spawn_worker(db_url, APP, env=_redis_env(redis_server))
     try:
         await wait_all_terminal(engine, 1, timeout=30)
     finally:
-        _stop(rescuer)
-    await _exactly_once(engine, 1)
+        stop_processes(rescuer)
+    await assert_exactly_once(engine, 1)
     assert await scalar(engine, "SELECT attempt FROM polyqueue_jobs") == 2
 
 
 async def test_jobs_committed_while_redis_is_down_all_run_once_it_is_back(
     engine: AsyncEngine, db_url: URL, redis_server: RedisServer
 ) -> None:
-    await _tables(engine)
+    await create_effect_tables(engine)
     await redis_server.stop()
     worker = spawn_worker(db_url, APP, env=_redis_env(redis_server))
     try:
-        await _enqueue(engine, 50)  # enqueue never needs the broker
+        await enqueue_effects(engine, 50)  # enqueue never needs the broker
         await wait_until(
             lambda: _count(engine, "polyqueue_workers", 1), what="the worker to register while Redis is down"
         )
@@ -126,8 +105,8 @@ async def test_jobs_committed_while_redis_is_down_all_run_once_it_is_back(
         await redis_server.start()
         await wait_all_terminal(engine, 50, timeout=60)
     finally:
-        _stop(worker)
-    await _exactly_once(engine, 50)
+        stop_processes(worker)
+    await assert_exactly_once(engine, 50)
     assert worker.returncode == 0
 
 
@@ -139,8 +118,8 @@ async def test_flushall_of_enqueued_jobs_is_repaired_by_the_redispatch_backstop(
     from polyqueue import Polyqueue
     from tests.services import url_str
 
-    await _tables(engine)
-    await _enqueue(engine, 30)
+    await create_effect_tables(engine)
+    await enqueue_effects(engine, 30)
     relay_app = Polyqueue(
         database_url=url_str(db_url), queue_backend="redis", broker_url=redis_server.url, poll_interval=0.1
     )
@@ -158,8 +137,8 @@ async def test_flushall_of_enqueued_jobs_is_repaired_by_the_redispatch_backstop(
     try:
         await wait_all_terminal(engine, 30, timeout=60)
     finally:
-        _stop(worker)
-    await _exactly_once(engine, 30)
+        stop_processes(worker)
+    await assert_exactly_once(engine, 30)
 
 
 async def _count(engine: AsyncEngine, table: str, at_least: int) -> bool:

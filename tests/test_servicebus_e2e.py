@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import enqueue, enqueue_many
+from polyqueue import enqueue
 from polyqueue.brokers.base import Message
 from polyqueue.brokers.servicebus import ServiceBusBroker
-from tests.apps.effects import EFFECTS_DDL, Effect
-from tests.helpers import scalar, spawn_worker, wait_all_terminal, wait_until
+from tests.apps.effects import Effect
+from tests.helpers import (
+    assert_exactly_once,
+    create_effect_tables,
+    enqueue_effects,
+    scalar,
+    spawn_worker,
+    stop_processes,
+    wait_all_terminal,
+    wait_until,
+)
 from tests.servicebus_peer.peer import ServiceBusPeer
 
 APP = "tests.apps.effects:app"
@@ -47,36 +53,6 @@ def _env(peer: ServiceBusPeer) -> dict[str, str]:
     }
 
 
-async def _tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        for ddl in EFFECTS_DDL:
-            await conn.execute(text(ddl))
-
-
-async def _enqueue(engine: AsyncEngine, count: int) -> None:
-    async with AsyncSession(engine) as s, s.begin():
-        await enqueue_many(s, [Effect(n=i) for i in range(count)])
-
-
-def _stop(*procs: subprocess.Popen[bytes]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGUSR1)  # tests/apps/run_worker.py dumps its stacks: where it hung
-            time.sleep(1)
-            p.kill()
-            p.wait()
-
-
-async def _exactly_once(engine: AsyncEngine, count: int) -> None:
-    assert await scalar(engine, "SELECT count(*) FROM effects") == count
-    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == count
-
-
 async def _count(engine: AsyncEngine, table: str, at_least: int) -> bool:
     return bool(await scalar(engine, f"SELECT count(*) FROM {table}") >= at_least)  # noqa: S608 - test constant
 
@@ -85,14 +61,14 @@ async def test_two_racing_workers_run_each_job_exactly_once(
     engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer
 ) -> None:
     peer.start()
-    await _tables(engine)
-    await _enqueue(engine, 200)
+    await create_effect_tables(engine)
+    await enqueue_effects(engine, 200)
     workers = [spawn_worker(db_url, APP, env=_env(peer)) for _ in range(2)]
     try:
         await wait_all_terminal(engine, 200, timeout=90)
     finally:
-        _stop(*workers)
-    await _exactly_once(engine, 200)
+        stop_processes(*workers)
+    await assert_exactly_once(engine, 200)
     assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE attempt <> 1") == 0
     assert await scalar(engine, "SELECT count(DISTINCT pid) FROM effects") == 2  # both really worked
     assert all(w.returncode == 0 for w in workers)
@@ -102,7 +78,7 @@ async def test_sigkill_mid_job_is_redelivered_after_lock_expiry(
     engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer
 ) -> None:
     peer.start()
-    await _tables(engine)
+    await create_effect_tables(engine)
     async with AsyncSession(engine) as s, s.begin():
         await enqueue(s, Effect(n=1, seconds=60))
     victim = spawn_worker(db_url, APP, env=_env(peer))
@@ -111,30 +87,30 @@ async def test_sigkill_mid_job_is_redelivered_after_lock_expiry(
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
-        _stop(victim)
+        stop_processes(victim)
     rescuer = spawn_worker(db_url, APP, env=_env(peer))
     try:
         await wait_all_terminal(engine, 1, timeout=40)
     finally:
-        _stop(rescuer)
-    await _exactly_once(engine, 1)
+        stop_processes(rescuer)
+    await assert_exactly_once(engine, 1)
     assert await scalar(engine, "SELECT attempt FROM polyqueue_jobs") == 2
 
 
 async def test_jobs_committed_while_the_broker_is_down_all_run_once_it_is_back(
     engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer
 ) -> None:
-    await _tables(engine)  # the peer is not started yet: nothing listens on its port
+    await create_effect_tables(engine)  # the peer is not started yet: nothing listens on its port
     worker = spawn_worker(db_url, APP, env=_env(peer))
     try:
-        await _enqueue(engine, 50)  # enqueue never needs the broker
+        await enqueue_effects(engine, 50)  # enqueue never needs the broker
         await wait_until(lambda: _count(engine, "polyqueue_workers", 1), what="the worker to register")
         assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'pending'") == 50
         peer.start()
         await wait_all_terminal(engine, 50, timeout=90)
     finally:
-        _stop(worker)
-    await _exactly_once(engine, 50)
+        stop_processes(worker)
+    await assert_exactly_once(engine, 50)
     assert worker.returncode == 0
 
 

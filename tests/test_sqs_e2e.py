@@ -18,26 +18,33 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import Polyqueue, enqueue, enqueue_many
+from polyqueue import Polyqueue, enqueue
 from polyqueue.brokers import make_broker
 from polyqueue.brokers.base import Message
 from polyqueue.brokers.sqs import SqsBroker, SqsOptions
 from polyqueue.errors import BrokerError, ConfigurationError
 from polyqueue.runner import run_relay
 from polyqueue.settings import Settings
-from tests.apps.effects import EFFECTS_DDL, Effect
-from tests.helpers import scalar, spawn_worker, wait_all_terminal, wait_until
+from tests.apps.effects import Effect
+from tests.helpers import (
+    assert_exactly_once,
+    create_effect_tables,
+    enqueue_effects,
+    scalar,
+    spawn_worker,
+    stop_processes,
+    wait_all_terminal,
+    wait_until,
+)
 from tests.moto_service import MotoServer, moto_available
 from tests.redis_service import free_port
 from tests.services import url_str
@@ -75,34 +82,6 @@ def _sqs_env(moto: MotoServer, prefix: str, *, fifo: bool = False, **extra: str)
     }
 
 
-async def _tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        for ddl in EFFECTS_DDL:
-            await conn.execute(text(ddl))
-
-
-async def _enqueue(engine: AsyncEngine, count: int) -> None:
-    async with AsyncSession(engine) as s, s.begin():
-        await enqueue_many(s, [Effect(n=i) for i in range(count)])
-
-
-def _stop(*procs: subprocess.Popen[bytes]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-async def _exactly_once(engine: AsyncEngine, count: int) -> None:
-    assert await scalar(engine, "SELECT count(*) FROM effects") == count
-    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == count
-
-
 async def _where(engine: AsyncEngine, condition: str, at_least: int) -> bool:
     return bool(await scalar(engine, f"SELECT count(*) FROM polyqueue_jobs WHERE {condition}") >= at_least)  # noqa: S608
 
@@ -117,14 +96,14 @@ async def _queue_exists(moto: MotoServer, name: str) -> bool:
 async def test_two_racing_workers_run_each_job_exactly_once(
     engine: AsyncEngine, db_url: URL, moto: MotoServer, prefix: str, fifo: bool
 ) -> None:
-    await _tables(engine)
-    await _enqueue(engine, 400)
+    await create_effect_tables(engine)
+    await enqueue_effects(engine, 400)
     workers = [spawn_worker(db_url, APP, env=_sqs_env(moto, prefix, fifo=fifo)) for _ in range(2)]
     try:
         await wait_all_terminal(engine, 400, timeout=90)
     finally:
-        _stop(*workers)
-    await _exactly_once(engine, 400)
+        stop_processes(*workers)
+    await assert_exactly_once(engine, 400)
     assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE attempt <> 1") == 0
     assert await scalar(engine, "SELECT count(DISTINCT pid) FROM effects") == 2  # both really worked
     assert all(w.returncode == 0 for w in workers)
@@ -133,7 +112,7 @@ async def test_two_racing_workers_run_each_job_exactly_once(
 async def test_sigkill_mid_job_recovers_through_visibility_and_rescue(
     engine: AsyncEngine, db_url: URL, moto: MotoServer, prefix: str
 ) -> None:
-    await _tables(engine)
+    await create_effect_tables(engine)
     async with AsyncSession(engine) as s, s.begin():
         await enqueue(s, Effect(n=1, seconds=60))
     victim = spawn_worker(db_url, APP, env=_sqs_env(moto, prefix))
@@ -142,41 +121,41 @@ async def test_sigkill_mid_job_recovers_through_visibility_and_rescue(
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
-        _stop(victim)
+        stop_processes(victim)
     rescuer = spawn_worker(db_url, APP, env=_sqs_env(moto, prefix))
     try:
         await wait_all_terminal(engine, 1, timeout=30)
     finally:
-        _stop(rescuer)
-    await _exactly_once(engine, 1)
+        stop_processes(rescuer)
+    await assert_exactly_once(engine, 1)
     assert await scalar(engine, "SELECT attempt FROM polyqueue_jobs") == 2
 
 
 async def test_jobs_committed_while_sqs_is_down_all_run_once_it_is_back(
     engine: AsyncEngine, db_url: URL, moto: MotoServer, prefix: str
 ) -> None:
-    await _tables(engine)
+    await create_effect_tables(engine)
     worker = spawn_worker(db_url, APP, env=_sqs_env(moto, prefix))
     try:
         await wait_until(lambda: _queue_exists(moto, f"{prefix}default"), what="the worker to create its queue")
         await moto.stop()
-        await _enqueue(engine, 50)  # enqueue never needs the broker
+        await enqueue_effects(engine, 50)  # enqueue never needs the broker
         await asyncio.sleep(0.5)  # the relay tries, fails, keeps them pending
         assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'pending'") == 50
         await moto.start()  # same port, but empty: the worker's queue URL now points at nothing
         await wait_all_terminal(engine, 50, timeout=90)
         assert await _queue_exists(moto, f"{prefix}default")  # created again by the adapter
     finally:
-        _stop(worker)
-    await _exactly_once(engine, 50)
+        stop_processes(worker)
+    await assert_exactly_once(engine, 50)
     assert worker.returncode == 0
 
 
 async def test_purged_queue_is_repaired_by_the_redispatch_backstop(
     engine: AsyncEngine, db_url: URL, moto: MotoServer, prefix: str
 ) -> None:
-    await _tables(engine)
-    await _enqueue(engine, 30)
+    await create_effect_tables(engine)
+    await enqueue_effects(engine, 30)
     relay_app = Polyqueue(
         database_url=url_str(db_url),
         queue_backend="sqs",
@@ -197,8 +176,8 @@ async def test_purged_queue_is_repaired_by_the_redispatch_backstop(
     try:
         await wait_all_terminal(engine, 30, timeout=60)
     finally:
-        _stop(worker)
-    await _exactly_once(engine, 30)
+        stop_processes(worker)
+    await assert_exactly_once(engine, 30)
 
 
 async def _count_starts(engine: AsyncEngine, at_least: int) -> bool:
