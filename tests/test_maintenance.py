@@ -148,3 +148,15 @@ async def test_only_one_leader_at_a_time(engine: AsyncEngine) -> None:
     await a._resign()
     assert await b._try_lead() is True
     await b._resign()
+
+
+async def test_leadership_never_leaves_its_idle_timeout_on_a_pooled_connection(engine: AsyncEngine) -> None:
+    """The leader's session has idle_session_timeout (so a frozen leader loses the lock); a pooled
+    connection carrying it was cut off under a worker idling on it (found by the chaos runner)."""
+    a, b = Maintenance(engine, app.settings), Maintenance(engine, app.settings)
+    assert await a._try_lead() is True
+    assert await b._try_lead() is False  # the loser's connection goes back to the pool
+    await a._resign()
+    for _ in range(3):  # every connection the pool holds now
+        async with engine.connect() as conn:
+            assert await conn.scalar(text("SHOW idle_session_timeout")) == "0"

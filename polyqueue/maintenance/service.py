@@ -100,16 +100,19 @@ class Maintenance:
         conn = await self.engine.connect()
         try:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            # A leader frozen longer than this (SIGSTOP, a blocked event loop) has its session
-            # ended by Postgres, which frees the lock for a live worker. Postgres 14+.
-            idle_ms = int(1000 * max(self.settings.worker_dead_after, 3 * self.settings.maintenance_interval))
-            try:
-                await conn.execute(text(f"SET idle_session_timeout = {idle_ms}"))
-            except Exception:  # Postgres 13: no such setting; leadership then ends only with the connection
-                await conn.rollback()
             got = await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY})
+            if got:
+                # A leader frozen longer than this (SIGSTOP, a blocked event loop) has its session
+                # ended by Postgres, which frees the lock for a live worker. Postgres 14+. Set only
+                # on the leader's session, which never goes back to the pool (see _resign): a pooled
+                # connection carrying it would be cut off under whoever idles on it next.
+                idle_ms = int(1000 * max(self.settings.worker_dead_after, 3 * self.settings.maintenance_interval))
+                try:
+                    await conn.execute(text(f"SET idle_session_timeout = {idle_ms}"))
+                except Exception:  # Postgres 13: no such setting; leadership then ends only with the connection
+                    await conn.rollback()
         except BaseException:
-            await conn.close()
+            await conn.invalidate()
             raise
         if got:
             self._leader_conn = conn
@@ -124,7 +127,7 @@ class Maintenance:
             with contextlib.suppress(Exception):
                 await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_KEY})
             with contextlib.suppress(Exception):
-                await conn.close()
+                await conn.invalidate()  # closed, not pooled: its session carries idle_session_timeout
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Every ``maintenance_interval``: if leader (or once leadership is won), run a pass."""
