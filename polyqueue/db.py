@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from polyqueue.errors import ConfigurationError
 
-__all__ = ["asyncpg_url", "database_url", "make_engine", "mask_url"]
+__all__ = ["asyncpg_url", "database_url", "make_engine", "mask_url", "unreachable", "while_unreachable"]
+
+log = logging.getLogger("polyqueue.db")
+
+T = TypeVar("T")
+
+#: SQLSTATEs of a server that cannot take a client right now (shutting down, starting up,
+#: full, connection lost), as opposed to one that refuses this client (wrong password,
+#: no such database), which no amount of waiting fixes.
+_NOT_NOW = frozenset({"57P01", "57P02", "57P03", "53300", "08000", "08001", "08003", "08006"})
 
 
 def asyncpg_url(url: str | URL) -> URL:
@@ -46,3 +63,39 @@ def database_url(configured: str | None, embedded_dir: str) -> str:
     from polyqueue.embedded import start_embedded
 
     return start_embedded(embedded_dir)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be reached *right now*: refused or dropped
+    connections, a server starting up, shutting down or full. A wrong host name, password or
+    database name is not (waiting would not fix it)."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        return getattr(orig, "sqlstate", None) in _NOT_NOW or isinstance(orig, OSError | TimeoutError)
+    if isinstance(exc, socket.gaierror):
+        return False
+    return isinstance(exc, OSError | TimeoutError) or getattr(exc, "sqlstate", None) in _NOT_NOW
+
+
+async def while_unreachable(op: Callable[[], Awaitable[T]], *, wait: float, what: str) -> T:
+    """Run ``op``, retrying for up to ``wait`` seconds while the database is :func:`unreachable`
+    (a worker started during a Postgres restart rides it out); anything else, or an outage
+    longer than ``wait``, raises the last error."""
+    deadline = time.monotonic() + wait
+    delay = 0.2
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not unreachable(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unreachable (%s); retrying for up to %.0f s", what, _first_line(exc), wait)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

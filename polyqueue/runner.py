@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue.brokers import Broker, make_broker
-from polyqueue.db import database_url, make_engine
+from polyqueue.db import database_url, make_engine, while_unreachable
 from polyqueue.errors import ConfigurationError
 from polyqueue.listener import Listener
 from polyqueue.metrics import GuardedMetrics
@@ -147,7 +147,7 @@ async def run_relay(
     relay = Relay(engine, broker, listener, s, GuardedMetrics(metrics) if metrics is not None else app.metrics)
     try:
         await broker.ensure(s.queues)
-        await listener.start()
+        await while_unreachable(listener.start, wait=s.startup_wait, what="listening for notifications")
         await relay.run(stopping)
     finally:
         await listener.close()

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1, description="Largest result (JSON bytes) stored; larger fails the job."
     )
     lease_seconds: float = Field(default=30.0, gt=0, description="Broker lease (visibility) of a delivery.")
+    startup_wait: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a starting worker or relay retries while the database is unreachable; 0 fails at once.",
+    )
 
     @field_validator("queue_backend", mode="before")
     @classmethod

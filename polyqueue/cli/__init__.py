@@ -80,7 +80,8 @@ def _prepare(pq: Polyqueue, database_url: str | None, url: list[str]) -> None:
     if not settings.database_url:
         # The embedded database is polyqueue's own: bring its schema up to date, so a first run just works.
         asyncio.run(migrations.upgrade(url[0]))
-    asyncio.run(check_schema(url[0]))
+    # A worker or relay started while Postgres restarts waits for it (startup_wait), then checks.
+    asyncio.run(check_schema(url[0], wait=settings.startup_wait))
 
 
 def _queues(value: str | None) -> list[str] | None:

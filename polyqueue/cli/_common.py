@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InternalError, NotSupportedError, ProgrammingError
 
-from polyqueue.db import database_url, make_engine, mask_url
+from polyqueue.db import database_url, make_engine, mask_url, while_unreachable
 from polyqueue.errors import PolyqueueError
 from polyqueue.registry import Polyqueue
 from polyqueue.settings import Settings
@@ -154,17 +154,22 @@ def head_revisions() -> list[str]:
     return sorted(ScriptDirectory(str(Path(VERSION_LOCATION).parent)).get_heads())
 
 
-async def check_schema(url: str) -> None:
+async def check_schema(url: str, *, wait: float = 0.0) -> None:
     """Fail with a hint unless polyqueue's tables exist (and, when the standalone path
-    manages them, are at this version's head)."""
+    manages them, are at this version's head). While the database is unreachable, retry
+    for up to ``wait`` seconds first."""
     from polyqueue.migrations import current
 
     engine = make_engine(url, pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
-    try:
+
+    async def look() -> tuple[bool, list[str]]:
         async with engine.connect() as conn:
             query = "SELECT to_regclass('polyqueue_jobs') IS NOT NULL AND to_regclass('polyqueue_workers') IS NOT NULL"
             installed = bool((await conn.execute(text(query))).scalar())
-            revisions = await current(conn) if installed else []
+            return installed, (await current(conn) if installed else [])
+
+    try:
+        installed, revisions = await while_unreachable(look, wait=wait, what=f"checking {mask_url(url)}")
     finally:
         await engine.dispose()
     if not installed:

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from polyqueue._aio import wait_any, wait_any_future
 from polyqueue.brokers.base import Broker
 from polyqueue.context import JobContext
+from polyqueue.db import while_unreachable
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.maintenance.service import Maintenance
@@ -130,8 +131,9 @@ class Worker:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        await self._register()
-        await self.listener.start()
+        wait = self.settings.startup_wait
+        await while_unreachable(self._register, wait=wait, what="registering the worker")
+        await while_unreachable(self.listener.start, wait=wait, what="listening for notifications")
         self.completer.start()
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
         if self.broker is not None:
