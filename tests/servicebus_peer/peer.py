@@ -124,6 +124,8 @@ class ServiceBusPeer(Handler):
         self._replies: dict[tuple[Any, str], Link] = {}  # (connection id, node) → our link answering requests
         self._connections: list[Any] = []
         self._acceptor: Any = None
+        #: Connections proton closed for a protocol violation by the client (condition, description).
+        self.protocol_errors: list[tuple[str, str]] = []
 
     # -- the test thread's side --------------------------------------------------------------------
     @property
@@ -146,6 +148,13 @@ class ServiceBusPeer(Handler):
         with self.lock:
             q = self.queues.get(queue)
             return [_body_bytes(s.message) for s in q.ready] if q else []
+
+    def outstanding(self, queue: str) -> int:
+        """Messages of ``queue`` not yet completed: ready, scheduled or locked."""
+        with self.lock:
+            q = self.queues.get(queue)
+            waiting = len(q.ready) + len(q.scheduled) if q else 0
+            return waiting + sum(1 for lk in self.locks.values() if lk.queue.name == queue)
 
     def wipe(self) -> None:
         with self.lock:
@@ -235,6 +244,13 @@ class ServiceBusPeer(Handler):
 
     def on_connection_remote_close(self, event: Any) -> None:
         event.connection.close()
+
+    def on_transport_error(self, event: Any) -> None:
+        """A framing or sequencing error by the client: proton drops the connection; tests assert on it."""
+        cond = event.transport.condition
+        if cond is not None and not self._stopping:
+            with self.lock:
+                self.protocol_errors.append((str(cond.name), str(cond.description)))
 
     def on_transport_closed(self, event: Any) -> None:
         conn = event.connection
