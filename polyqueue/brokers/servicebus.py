@@ -14,6 +14,29 @@
 
 SDK objects are bound to the event loop that created them; on another loop they are
 dropped and made anew. See docs/brokers/azure-service-bus.md.
+
+Concurrency (issue #5). The aio SDK's handlers are not safe for concurrent use across a
+(re)connect, nor for concurrent transfers on one AMQP session:
+
+* ``ServiceBusSender._open`` / ``ServiceBusReceiver._open`` (``aio/_servicebus_*_async.py``)
+  close the handler's current AMQP client when ``_running`` is False, so two calls opening
+  at once close each other's client mid-attach; the loser's ``client_ready_async`` then
+  reads the ``_session`` that ``close_async`` set to None (``_pyamqp/aio/_client_async.py``):
+  ``'NoneType' object has no attribute 'create_sender_link'``. The SDK's retry loop
+  (``_do_retryable_operation``) reopens from whichever coroutine is retrying.
+* ``Session._outgoing_transfer`` (``_pyamqp/aio/_session_async.py``) reads
+  ``next_outgoing_id``, awaits the socket write and only then increments it, so two
+  management requests at once (two lock renewals) send transfer ids out of order; the
+  peer ends the connection for the sequencing error.
+
+So here: a handler is opened once, by one coroutine (``_link`` holds a lock per queue and
+kind), and published only when open; the SDK's own retries are off (``retry_total=0``: the
+SDK never reopens a handler, the adapter replaces it); calls that send transfers on a
+handler's session (publish, schedule, renew, settle) go one at a time per handler; a failed
+handler is dropped only if it is still the current one, never a fresh replacement. A
+delivery is settled on the receiver that received it (its lock token is bound to that
+link): once that receiver is dropped its deliveries count as lock lost, and Service Bus
+redelivers them when the lock expires (Postgres ownership guards the job meanwhile).
 """
 
 from __future__ import annotations
@@ -24,8 +47,8 @@ import datetime
 import importlib
 import logging
 import uuid
-from collections.abc import Awaitable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusReceiveMode
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
@@ -48,8 +71,6 @@ __all__ = ["ServiceBusBroker"]
 
 log = logging.getLogger("polyqueue.brokers.servicebus")
 
-T = TypeVar("T")
-
 #: Errors retrying will not fix: wrong credentials, rights, a missing queue, a full namespace.
 _PERMANENT = (
     ServiceBusAuthenticationError,
@@ -65,6 +86,23 @@ MAX_RECEIVE_WAIT = 5.0
 MIN_RECEIVE_WAIT = 0.01
 #: Longest wait for one SDK handler to close: shutdown must not hang on a dead connection.
 CLOSE_TIMEOUT = 2.0
+#: The SDK's own retries reopen a handler from any coroutine (see the module docstring): off.
+#: The relay, the worker's fetch loop and its lock renewals retry on their own.
+SDK_RETRY_TOTAL = 0
+
+
+class _Link:
+    """One open SDK sender or receiver, and the lock its session's transfers go through."""
+
+    __slots__ = ("handler", "sends")
+
+    def __init__(self, handler: ServiceBusSender | ServiceBusReceiver) -> None:
+        self.handler = handler
+        self.sends = asyncio.Lock()  # publish, schedule, renew, settle: one at a time (transfer ids)
+
+
+class _LinkGone(BrokerError):
+    """The handler a call needs was dropped after an error: transient for a publish, a lost lock for a delivery."""
 
 
 class ServiceBusBroker:
@@ -80,19 +118,19 @@ class ServiceBusBroker:
     name = "azure_service_bus"
     capabilities = Capabilities(lease=True, delayed_release=True, survives_restart=True, dead_letter=True)
 
-    def __init__(self, url: str, *, lease_seconds: float = 30.0, queue_prefix: str = "", retry_total: int = 2) -> None:
+    def __init__(self, url: str, *, lease_seconds: float = 30.0, queue_prefix: str = "") -> None:
         if lease_seconds <= 0:
             raise ConfigurationError("azure_service_bus broker: lease_seconds must be > 0")
         self.lease_seconds = lease_seconds
         self.queue_prefix = queue_prefix
         self._url = url.strip()
-        self._retry_total = retry_total  # short SDK retries: the relay and the worker retry on their own
         self.where = _namespace(self._url)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: ServiceBusClient | None = None
         self._credential: Any = None
-        self._senders: dict[str, ServiceBusSender] = {}
-        self._receivers: dict[str, ServiceBusReceiver] = {}
+        self._senders: dict[str, _Link] = {}  # open ones only
+        self._receivers: dict[str, _Link] = {}
+        self._opening: dict[tuple[str, str], asyncio.Lock] = {}  # (kind, queue) -> held while one is opened
         self._buffer: list[Delivery] = []  # received over several queues beyond max_messages
         self._closing = asyncio.Event()
 
@@ -115,8 +153,8 @@ class ServiceBusBroker:
         for m in messages:
             by_queue.setdefault(m.queue, []).append(m)
         for q, group in by_queue.items():
-            sender = await self._sender(q)
-            async with self._mapped("publish", q):
+            link = await self._sender(q)
+            async with self._call("publish", q, link) as sender:
                 batch = await sender.create_message_batch()
                 for m in group:
                     sb_message = ServiceBusMessage(encode_message(m), message_id=_message_id(m))
@@ -156,10 +194,12 @@ class ServiceBusBroker:
 
     async def extend(self, delivery: Delivery, seconds: float) -> None:
         """``renew_message_lock``: the lock then runs for the queue's lock duration from now."""
-        receiver, message = _handle(delivery)
+        link, message = _handle(delivery)
         try:
-            async with self._mapped("extend", delivery.queue):
+            async with self._call("extend", delivery.queue, link) as receiver:
                 await receiver.renew_message_lock(message)
+        except _LinkGone as exc:
+            raise LeaseLostError(f"lock of job {delivery.job_id} on {delivery.queue!r} is lost: {exc}") from exc
         except LeaseLostError:
             raise
         except BrokerError as exc:
@@ -169,25 +209,25 @@ class ServiceBusBroker:
 
     async def ack(self, delivery: Delivery) -> None:
         """``complete_message``; a malformed message is dead-lettered with its parse error instead."""
-        receiver, message = _handle(delivery)
+        _, message = _handle(delivery)
         if delivery.job_id is None:
             reason = (delivery.error or "malformed")[:4000]
-            await self._settle("dead-letter", delivery, receiver.dead_letter_message(message, "malformed", reason))
+            await self._settle("dead-letter", delivery, lambda r: r.dead_letter_message(message, "malformed", reason))
         else:
-            await self._settle("ack", delivery, receiver.complete_message(message))
+            await self._settle("ack", delivery, lambda r: r.complete_message(message))
 
     async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         """``abandon_message`` now; with a delay, schedule a copy and complete the original."""
-        receiver, message = _handle(delivery)
+        _, message = _handle(delivery)
         if delay <= 0 or delivery.job_id is None:
-            await self._settle("release", delivery, receiver.abandon_message(message))
+            await self._settle("release", delivery, lambda r: r.abandon_message(message))
             return
-        sender = await self._sender(delivery.queue)
+        link = await self._sender(delivery.queue)
         when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delay)
         copy = ServiceBusMessage(encode_message(Message(delivery.job_id, delivery.queue)))
-        async with self._mapped("release", delivery.queue):
+        async with self._call("release", delivery.queue, link) as sender:
             await sender.schedule_messages(copy, when)
-        await self._settle("release", delivery, receiver.complete_message(message))
+        await self._settle("release", delivery, lambda r: r.complete_message(message))
 
     async def close(self) -> None:
         """Return any blocked receive, close receivers, senders and the client (idempotent)."""
@@ -206,28 +246,34 @@ class ServiceBusBroker:
         keep: list[Delivery] = []
         now = datetime.datetime.now(datetime.UTC)
         for d in self._buffer:
-            _, message = _handle(d)
+            link, message = _handle(d)
             if message.locked_until_utc is not None and message.locked_until_utc <= now:
                 continue  # its lock ran out while held: Service Bus redelivers it
+            if not self._is_current(link):
+                continue  # its receiver was dropped: the lock is lost, Service Bus redelivers it
             (out if d.queue in queues and len(out) < limit else keep).append(d)
         self._buffer = keep
         return out
 
     async def _receive_one(self, queue: str, limit: int, wait: float) -> list[Delivery]:
-        receiver = await self._receiver(queue)
-        async with self._mapped("receive", queue):
+        link = await self._receiver(queue)
+        # Not under link.sends: a receive only grants credit (flow frames) and may wait seconds.
+        async with self._call("receive", queue, link, serialised=False) as receiver:
             got = await receiver.receive_messages(max_message_count=limit, max_wait_time=wait)
-        return [_delivery(queue, receiver, m) for m in got]
+        return [_delivery(queue, link, m) for m in got]
 
-    async def _settle(self, op: str, delivery: Delivery, call: Awaitable[None]) -> None:
-        """Run a settlement; a lost lock makes it a logged no-op (Postgres ownership is the guard)."""
+    async def _settle(
+        self, op: str, delivery: Delivery, settle: Callable[[ServiceBusReceiver], Awaitable[None]]
+    ) -> None:
+        """Settle on the delivery's own receiver; a lost lock is a logged no-op (Postgres ownership guards)."""
+        link, _ = _handle(delivery)
         try:
-            async with self._mapped(op, delivery.queue):
-                await call
+            async with self._call(op, delivery.queue, link) as receiver:
+                await settle(receiver)
         except BrokerError as exc:
-            if not isinstance(exc.__cause__, _LOCK_GONE):
+            if not isinstance(exc, _LinkGone) and not isinstance(exc.__cause__, _LOCK_GONE):
                 raise
-            log.info("%s of job %s on %r skipped: lock lost (%s)", op, delivery.job_id, delivery.queue, exc.__cause__)
+            log.info("%s of job %s on %r skipped: lock lost (%s)", op, delivery.job_id, delivery.queue, exc)
 
     def _ready_client(self) -> ServiceBusClient:
         """The client of the running loop (made here; SDK objects never cross event loops)."""
@@ -238,57 +284,65 @@ class ServiceBusBroker:
             return self._client
         self._senders.clear()  # made on another loop: unusable here, dropped without awaiting
         self._receivers.clear()
+        self._opening.clear()
         self._loop = loop
+        retries: dict[str, Any] = {"retry_total": SDK_RETRY_TOTAL}
         if "=" in self._url and ";" in self._url:
-            self._client = ServiceBusClient.from_connection_string(
-                self._url, retry_total=self._retry_total, retry_backoff_factor=0.2, retry_backoff_max=2.0
-            )
+            self._client = ServiceBusClient.from_connection_string(self._url, **retries)
         else:
             self._credential = _default_credential()
-            self._client = ServiceBusClient(
-                self.where,
-                self._credential,
-                retry_total=self._retry_total,
-                retry_backoff_factor=0.2,
-                retry_backoff_max=2.0,
-            )
+            self._client = ServiceBusClient(self.where, self._credential, **retries)
         return self._client
 
-    async def _sender(self, queue: str) -> ServiceBusSender:
-        client = self._ready_client()
-        if queue not in self._senders:
-            await self._open(self._senders, queue, client.get_queue_sender(self.entity(queue)))
-        return self._senders[queue]
+    async def _sender(self, queue: str) -> _Link:
+        return await self._link(self._senders, "sender", queue)
 
-    async def _receiver(self, queue: str) -> ServiceBusReceiver:
+    async def _receiver(self, queue: str) -> _Link:
         """The queue's receiver, opened here: a short receive wait must not have to cover the link's attach."""
-        client = self._ready_client()
-        if queue not in self._receivers:
-            mode = ServiceBusReceiveMode.PEEK_LOCK
-            receiver = client.get_queue_receiver(self.entity(queue), receive_mode=mode, prefetch_count=0)
-            await self._open(self._receivers, queue, receiver)
-        return self._receivers[queue]
+        return await self._link(self._receivers, "receiver", queue)
 
-    async def _open(self, handlers: dict[str, Any], queue: str, handler: ServiceBusSender | ServiceBusReceiver) -> None:
-        handlers[queue] = handler
-        try:
-            async with self._mapped("open", queue):
-                await handler.__aenter__()
-        except BrokerError:
-            await self._drop(handlers, queue)
-            raise
+    async def _link(self, links: dict[str, _Link], kind: str, queue: str) -> _Link:
+        """The queue's open handler of this kind; opened by one coroutine while the others wait."""
+        self._ready_client()
+        link = links.get(queue)
+        if link is not None:
+            return link
+        async with self._opening.setdefault((kind, queue), asyncio.Lock()):
+            client = self._ready_client()
+            link = links.get(queue)
+            if link is not None:
+                return link  # another caller opened it meanwhile
+            if kind == "sender":
+                handler: ServiceBusSender | ServiceBusReceiver = client.get_queue_sender(self.entity(queue))
+            else:
+                mode = ServiceBusReceiveMode.PEEK_LOCK
+                handler = client.get_queue_receiver(self.entity(queue), receive_mode=mode, prefetch_count=0)
+            try:
+                async with self._mapped("open", queue, None):
+                    await handler.__aenter__()
+                if self._closing.is_set():
+                    raise BrokerError(f"azure_service_bus broker for {self.where} is closed", transient=False)
+            except BaseException:  # cancelled too: never leave a half-open handler behind
+                await _close(handler)
+                raise
+            link = links[queue] = _Link(handler)
+            return link
 
-    async def _drop(self, handlers: dict[str, Any], queue: str) -> None:
-        handler = handlers.pop(queue, None)
-        if handler is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await handler.close()
+    def _is_current(self, link: _Link) -> bool:
+        return any(current is link for current in (*self._receivers.values(), *self._senders.values()))
+
+    async def _drop(self, link: _Link) -> None:
+        """Forget and close ``link`` if it is still current; a replacement opened since is left alone."""
+        for links in (self._receivers, self._senders):
+            for q, current in list(links.items()):
+                if current is link:
+                    del links[q]  # before any await: no new call can pick it up
+                    await _close(link.handler)
 
     async def _drop_all(self) -> None:
-        for handlers in (self._receivers, self._senders):
-            for q in list(handlers):
-                await self._drop(handlers, q)
+        for links in (self._receivers, self._senders):
+            for link in list(links.values()):
+                await self._drop(link)
         client, credential, self._client, self._credential = self._client, self._credential, None, None
         with contextlib.suppress(Exception):
             if client is not None:
@@ -298,35 +352,53 @@ class ServiceBusBroker:
                 await credential.close()
 
     @contextlib.asynccontextmanager
-    async def _mapped(self, op: str, queue: str) -> Any:
-        """Map SDK errors to ``BrokerError``; after a connection-level one, drop the queue's handlers."""
+    async def _call(self, op: str, queue: str, link: _Link, *, serialised: bool = True) -> AsyncIterator[Any]:
+        """One SDK call on ``link``'s handler: one sender of transfers at a time, errors mapped.
+
+        A link dropped before the call starts raises ``_LinkGone``: the call never reaches a
+        closed handler (which would reopen it, or fail in ways that say nothing).
+        """
+        async with link.sends if serialised else contextlib.nullcontext():
+            if not self._is_current(link):
+                raise _LinkGone(f"azure service bus {op} on {self.entity(queue)!r}: its link was closed after an error")
+            async with self._mapped(op, queue, link):
+                yield link.handler
+
+    @contextlib.asynccontextmanager
+    async def _mapped(self, op: str, queue: str, link: _Link | None) -> AsyncIterator[None]:
+        """Map SDK errors to ``BrokerError``; after a connection-level one, drop ``link`` (made anew on next use)."""
         try:
             yield
         except (ServiceBusError, MessageAlreadySettled, OSError, TimeoutError) as exc:
-            if isinstance(exc, ServiceBusError) and getattr(exc, "_shutdown_handler", False):
-                await self._drop(self._receivers, queue)  # made anew, and reconnected, on next use
-                await self._drop(self._senders, queue)
+            if link is not None and isinstance(exc, ServiceBusError) and getattr(exc, "_shutdown_handler", False):
+                await self._drop(link)
             transient = not isinstance(exc, (*_PERMANENT, *_LOCK_GONE, MessageAlreadySettled))
             raise BrokerError(
                 f"azure service bus {op} on {self.entity(queue)!r} at {self.where} failed: {exc}", transient=transient
             ) from exc
-        except Exception as exc:  # the SDK's own bugs while (re)connecting, e.g. AttributeError mid-attach
-            await self._drop(self._receivers, queue)
-            await self._drop(self._senders, queue)
+        except Exception as exc:  # the SDK's own bugs, e.g. AttributeError mid-attach
+            if link is not None:
+                await self._drop(link)
             raise BrokerError(
                 f"azure service bus {op} on {self.entity(queue)!r} at {self.where} failed unexpectedly: {exc!r}",
                 transient=True,
             ) from exc
 
 
-def _handle(delivery: Delivery) -> tuple[ServiceBusReceiver, ServiceBusReceivedMessage]:
-    receiver, message = delivery.handle
-    return receiver, message
+async def _close(handler: ServiceBusSender | ServiceBusReceiver) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await handler.close()
 
 
-def _delivery(queue: str, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> Delivery:
-    """A ``Delivery`` for a received message; ``handle`` is ``(receiver, message)``."""
-    handle = (receiver, message)
+def _handle(delivery: Delivery) -> tuple[_Link, ServiceBusReceivedMessage]:
+    link, message = delivery.handle
+    return link, message
+
+
+def _delivery(queue: str, link: _Link, message: ServiceBusReceivedMessage) -> Delivery:
+    """A ``Delivery`` for a received message; ``handle`` is ``(receiver link, message)``."""
+    handle = (link, message)
     count = (message.delivery_count or 0) + 1  # the SDK reports prior failed deliveries (None for none)
     try:
         body = b"".join(_chunks(message))
