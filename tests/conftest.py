@@ -41,6 +41,16 @@ async def db_url(template_db: str) -> AsyncIterator[URL]:
 
 
 @pytest.fixture
+async def empty_db() -> AsyncIterator[URL]:
+    """A database with nothing in it, for this test alone."""
+    url = await services.create_database(prefix="pqtest")
+    try:
+        yield url
+    finally:
+        await services.drop_database(url)
+
+
+@pytest.fixture
 async def engine(db_url: URL) -> AsyncIterator[AsyncEngine]:
     eng = make_engine(db_url)
     yield eng

@@ -1,4 +1,5 @@
-"""Test helpers: run a worker in the background, wait for database conditions with deadlines."""
+"""Test helpers: run a worker in the background, wait for database conditions with deadlines,
+run the ``polyqueue`` command line as a subprocess."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +138,39 @@ async def assert_exactly_once(engine: AsyncEngine, count: int) -> None:
     """Every one of ``count`` jobs succeeded and took effect exactly once."""
     assert await scalar(engine, "SELECT count(*) FROM effects") == count
     assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == count
+
+
+# -- the command line, run as users run it (tests/test_cli.py, test_bad_urls.py, test_inspect_cli.py) --
+CLI = [sys.executable, "-m", "polyqueue.cli"]
+
+
+@dataclass
+class Ran:
+    """A finished CLI run: exit code, stdout, stderr."""
+
+    code: int | None
+    out: str
+    err: str
+
+
+def cli_env(database_url: URL | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment without any POLYQUEUE_* variable, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYQUEUE_")}
+    if database_url is not None:
+        env["POLYQUEUE_DATABASE_URL"] = url_str(database_url)
+    env.setdefault("COLUMNS", "120")
+    return {**env, **extra}
+
+
+async def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 90) -> Ran:
+    """Run ``polyqueue ARGS`` to its end (killed after ``timeout`` seconds)."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return Ran(proc.returncode, out.decode(), err.decode())

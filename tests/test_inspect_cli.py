@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 from polyqueue import enqueue, enqueue_many, inspect
 from polyqueue.cli import app as cli
 from tests import services
-from tests.helpers import make_app, running_worker, wait_all_terminal
-from tests.test_cli import _env, run_cli
+from tests.helpers import cli_env, make_app, run_cli, running_worker, wait_all_terminal
 
 app = make_app()
 
@@ -93,7 +92,7 @@ async def test_cli_in_process(engine: AsyncEngine, db_url: URL) -> None:
 
 async def test_cli_as_subprocesses_with_json(engine: AsyncEngine, db_url: URL) -> None:
     ok, bad = await _seed(engine)
-    env = _env(db_url)
+    env = cli_env(db_url)
     ran = await run_cli("inspect", "stats", "--json", env=env)
     assert ran.code == 0, ran.err
     stats = json.loads(ran.out)
