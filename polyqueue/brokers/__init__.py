@@ -52,5 +52,11 @@ def make_broker(settings: Settings, *, database_url: str | None = None) -> Broke
             ) from exc
         raise
     config = BrokerConfig(settings.broker_url, settings.lease_seconds, database_url or settings.database_url)
-    broker: Broker = module.create(config)
+    try:
+        broker: Broker = module.create(config)
+    except ConfigurationError as exc:
+        if settings.broker_url and "POLYQUEUE_BROKER_URL" not in str(exc):
+            # The adapter knows what is wrong; the user needs to know which setting to change.
+            raise ConfigurationError(f"broker_url (POLYQUEUE_BROKER_URL) for queue_backend {backend!r}: {exc}") from exc
+        raise
     return broker

@@ -503,5 +503,15 @@ _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fals
 
 
 def create(config: BrokerConfig) -> SqsBroker:
-    """The adapter for ``queue_backend="sqs"`` (``broker_url`` optional: ``sqs://`` uses the AWS defaults)."""
-    return SqsBroker(config.url or "sqs://", lease_seconds=config.lease_seconds)
+    """The adapter for ``queue_backend="sqs"`` (``broker_url`` optional: ``sqs://`` uses the AWS defaults).
+
+    A region is required, from the URL or the AWS configuration: without one every call
+    would fail, and a worker would retry forever what no waiting fixes.
+    """
+    broker = SqsBroker(config.url or "sqs://", lease_seconds=config.lease_seconds)
+    if broker.options.region is None and AioSession().get_config_variable("region") is None:
+        raise ConfigurationError(
+            "the sqs broker needs an AWS region: add ?region=... to broker_url (POLYQUEUE_BROKER_URL) "
+            "or set AWS_DEFAULT_REGION (or a region in the AWS profile)"
+        )
+    return broker

