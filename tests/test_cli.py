@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import signal
-import sys
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -28,9 +24,8 @@ from polyqueue import enqueue, wait_for_result
 from polyqueue.cli import app
 from polyqueue.db import make_engine
 from polyqueue.migrations import VERSION_LOCATION
-from tests import services
+from tests.helpers import CLI, cli_env, run_cli
 
-CLI = [sys.executable, "-m", "polyqueue.cli"]
 APP_SOURCE = """
 from pydantic import BaseModel
 from polyqueue import Polyqueue
@@ -48,45 +43,6 @@ async def cli_test_add(payload: Add) -> int:
 not_an_app = 42
 """
 HEAD = sorted(p.stem.split("_")[0] for p in Path(VERSION_LOCATION).glob("*_*.py"))[-1]
-
-
-@dataclass
-class Ran:
-    code: int | None
-    out: str
-    err: str
-
-
-def _env(database_url: URL | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment without any POLYQUEUE_* variable, plus the given ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLYQUEUE_")}
-    if database_url is not None:
-        env["POLYQUEUE_DATABASE_URL"] = services.url_str(database_url)
-    env.setdefault("COLUMNS", "120")
-    return {**env, **extra}
-
-
-async def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 90) -> Ran:
-    proc = await asyncio.create_subprocess_exec(
-        *CLI, *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return Ran(proc.returncode, out.decode(), err.decode())
-
-
-@pytest.fixture
-async def empty_db() -> AsyncIterator[URL]:
-    """A database with nothing in it, for this test alone."""
-    url = await services.create_database(prefix="pqtest")
-    try:
-        yield url
-    finally:
-        await services.drop_database(url)
 
 
 @pytest.fixture
@@ -155,7 +111,7 @@ async def _tables(url: URL) -> set[str]:
 
 
 async def test_db_current_upgrade_downgrade(empty_db: URL) -> None:
-    env = _env(empty_db)
+    env = cli_env(empty_db)
     ran = await run_cli("db", "current", env=env)
     assert ran.code == 0, ran.err
     assert ran.out.startswith("none:") and "polyqueue db upgrade" in ran.out
@@ -183,16 +139,16 @@ async def test_db_current_upgrade_downgrade(empty_db: URL) -> None:
 
 
 async def test_db_errors_are_one_masked_line() -> None:
-    ran = await run_cli("db", "current", "--database-url", "postgresql://me:s3cret@127.0.0.1:1/nothing", env=_env())
+    ran = await run_cli("db", "current", "--database-url", "postgresql://me:s3cret@127.0.0.1:1/nothing", env=cli_env())
     assert ran.code == 1
     assert "s3cret" not in ran.err and "***" in ran.err
     assert "Traceback" not in ran.err
     assert len(ran.err.strip().splitlines()) == 1
 
-    ran = await run_cli("db", "upgrade", "--sql", "--revision", "nonsense", env=_env())
+    ran = await run_cli("db", "upgrade", "--sql", "--revision", "nonsense", env=cli_env())
     assert ran.code == 1 and "nonsense" in ran.err and "Traceback" not in ran.err
 
-    ran = await run_cli("db", "current", env=_env(POLYQUEUE_CONCURRENCY="many"))
+    ran = await run_cli("db", "current", env=cli_env(POLYQUEUE_CONCURRENCY="many"))
     assert ran.code == 1 and "POLYQUEUE_CONCURRENCY" in ran.err and "Traceback" not in ran.err
 
 
@@ -221,7 +177,7 @@ def _check_demo_table(out: str) -> None:
 
 @pytest.mark.parametrize("backend", ["postgres", "memory"])
 async def test_demo_on_configured_database(db_url: URL, backend: str) -> None:
-    ran = await run_cli("demo", "--backend", backend, env=_env(db_url, COLUMNS="160"))
+    ran = await run_cli("demo", "--backend", backend, env=cli_env(db_url, COLUMNS="160"))
     assert ran.code == 0, ran.out + ran.err
     _check_demo_table(ran.out)
     assert f"backend {backend}" in ran.out
@@ -229,7 +185,7 @@ async def test_demo_on_configured_database(db_url: URL, backend: str) -> None:
 
 
 async def test_demo_without_a_url_uses_the_embedded_postgres(tmp_path: Path) -> None:
-    ran = await run_cli("demo", env=_env(COLUMNS="160"), cwd=tmp_path, timeout=110)
+    ran = await run_cli("demo", env=cli_env(COLUMNS="160"), cwd=tmp_path, timeout=110)
     assert ran.code == 0, ran.out + ran.err
     notice = [line for line in ran.err.splitlines() if "embedded Postgres" in line]
     assert len(notice) == 1 and "POLYQUEUE_DATABASE_URL" in notice[0], ran.err
@@ -243,7 +199,7 @@ async def test_demo_without_a_url_uses_the_embedded_postgres(tmp_path: Path) -> 
 
 async def test_worker_runs_jobs_and_stops_on_sigterm(db_url: URL, app_module: tuple[str, Path]) -> None:
     name, directory = app_module
-    env = _env(db_url, PYTHONPATH=str(directory))
+    env = cli_env(db_url, PYTHONPATH=str(directory))
     proc = await asyncio.create_subprocess_exec(
         *CLI, "worker", f"{name}:app", "--concurrency", "2", env=env, stderr=asyncio.subprocess.PIPE
     )
@@ -284,23 +240,15 @@ async def test_worker_bad_app_path(app_module: tuple[str, Path], target: str, me
     ran = await run_cli(
         "worker",
         target.format(name=name),
-        env=_env(PYTHONPATH=str(directory), POLYQUEUE_DATABASE_URL="postgresql://nobody@127.0.0.1:1/x"),
+        env=cli_env(PYTHONPATH=str(directory), POLYQUEUE_DATABASE_URL="postgresql://nobody@127.0.0.1:1/x"),
     )
     assert ran.code == 2, ran.err
     assert message in ran.err
     assert "Traceback" not in ran.err
 
 
-async def test_worker_on_unmigrated_database(empty_db: URL, app_module: tuple[str, Path]) -> None:
-    name, directory = app_module
-    ran = await run_cli("worker", f"{name}:app", env=_env(empty_db, PYTHONPATH=str(directory)))
-    assert ran.code == 1
-    assert "polyqueue db upgrade" in ran.err
-    assert "Traceback" not in ran.err
-
-
 async def test_relay_refuses_the_postgres_backend(db_url: URL, app_module: tuple[str, Path]) -> None:
     name, directory = app_module
-    ran = await run_cli("relay", f"{name}:app", env=_env(db_url, PYTHONPATH=str(directory)))
+    ran = await run_cli("relay", f"{name}:app", env=cli_env(db_url, PYTHONPATH=str(directory)))
     assert ran.code == 1
     assert "needs no relay" in ran.err
