@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,9 +25,23 @@ from polyqueue.metrics import GuardedMetrics
 from polyqueue.queries import NEW_JOB_CHANNEL, job_mark_enqueued, job_take_for_dispatch
 from polyqueue.settings import Settings
 
-__all__ = ["Relay"]
+__all__ = ["Relay", "ensure_queues"]
 
 log = logging.getLogger("polyqueue.relay")
+
+
+async def ensure_queues(broker: Broker, queues: Sequence[str], stopping: asyncio.Event) -> None:
+    """Create the broker's queues, retrying while the broker is down: a worker or relay that
+    starts during a broker outage runs meanwhile (its receives and publishes retry too)."""
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            await broker.ensure(queues)
+            return
+        except BrokerError as exc:
+            log.error("broker %s unreachable (%s); retrying in %.1fs", broker.name, exc, delay)
+            await wait_any(stopping, seconds=delay)
+            delay = min(delay * 2, 30.0)
 
 
 class Relay:

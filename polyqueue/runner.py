@@ -14,7 +14,7 @@ from polyqueue.errors import ConfigurationError
 from polyqueue.listener import Listener
 from polyqueue.metrics import GuardedMetrics
 from polyqueue.registry import Polyqueue
-from polyqueue.relay import Relay
+from polyqueue.relay import Relay, ensure_queues
 from polyqueue.worker.runtime import Worker
 
 __all__ = ["main", "run_relay", "run_worker"]
@@ -145,11 +145,13 @@ async def run_relay(
             loop.add_signal_handler(sig, stopping.set)
     listener = Listener(engine)
     relay = Relay(engine, broker, listener, s, GuardedMetrics(metrics) if metrics is not None else app.metrics)
+    ensuring = asyncio.create_task(ensure_queues(broker, s.queues, stopping), name="polyqueue-ensure")
     try:
-        await broker.ensure(s.queues)
         await while_unreachable(listener.start, wait=s.startup_wait, what="listening for notifications")
         await relay.run(stopping)
     finally:
+        ensuring.cancel()
+        await asyncio.gather(ensuring, return_exceptions=True)
         await listener.close()
         await _close_broker(broker)
         if own_engine:

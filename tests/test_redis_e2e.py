@@ -147,3 +147,39 @@ async def _count(engine: AsyncEngine, table: str, at_least: int) -> bool:
 
 async def _where(engine: AsyncEngine, condition: str, at_least: int) -> bool:
     return bool(await scalar(engine, f"SELECT count(*) FROM polyqueue_jobs WHERE {condition}") >= at_least)  # noqa: S608
+
+
+async def test_a_relay_started_while_redis_is_down_waits_for_it(
+    engine: AsyncEngine, db_url: URL, redis_server: RedisServer
+) -> None:
+    """A relay (re)started during a broker outage keeps retrying instead of exiting (found by the
+    chaos runner: relays respawned during an outage died, and with them every delivery)."""
+    import asyncio
+
+    from polyqueue import Polyqueue
+    from polyqueue.brokers import make_broker
+    from polyqueue.runner import run_worker
+    from tests.apps.effects import app as effects_app
+    from tests.services import url_str
+
+    await create_effect_tables(engine)
+    await redis_server.stop()
+    relay_app = Polyqueue(
+        database_url=url_str(db_url), queue_backend="redis", broker_url=redis_server.url, poll_interval=0.1
+    )
+    stopping = asyncio.Event()
+    relay = asyncio.create_task(run_relay(relay_app, engine=engine, stopping=stopping))
+    worker_broker = make_broker(relay_app.settings)
+    worker = asyncio.create_task(
+        run_worker(effects_app, engine=engine, broker=worker_broker, run_relay=False, stopping=stopping)
+    )
+    try:
+        await enqueue_effects(engine, 20)
+        await asyncio.sleep(1.5)
+        assert not relay.done(), relay.done() and relay.exception()
+        await redis_server.start()
+        await wait_all_terminal(engine, 20, timeout=60)
+    finally:
+        stopping.set()
+        await asyncio.gather(relay, worker)
+    await assert_exactly_once(engine, 20)

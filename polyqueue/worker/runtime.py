@@ -23,7 +23,6 @@ from polyqueue._aio import wait_any, wait_any_future
 from polyqueue.brokers.base import Broker
 from polyqueue.context import JobContext
 from polyqueue.db import while_unreachable
-from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.maintenance.service import Maintenance
 from polyqueue.metrics import GuardedMetrics
@@ -40,7 +39,7 @@ from polyqueue.queries import (
     worker_stop,
 )
 from polyqueue.registry import Polyqueue
-from polyqueue.relay import Relay
+from polyqueue.relay import Relay, ensure_queues
 from polyqueue.worker.completer import Completer
 from polyqueue.worker.executor import execute, retry_or_fail
 from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSource
@@ -137,7 +136,8 @@ class Worker:
         self.completer.start()
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
         if self.broker is not None:
-            self._background.append(asyncio.create_task(self._ensure_queues(self.broker), name="polyqueue-ensure"))
+            ensuring = ensure_queues(self.broker, self.queues, self._stopping)
+            self._background.append(asyncio.create_task(ensuring, name="polyqueue-ensure"))
         if self.relay is not None:
             self._background.append(asyncio.create_task(self.relay.run(self._stopping), name="polyqueue-relay"))
         if self.maintenance is not None:
@@ -170,18 +170,6 @@ class Worker:
                 broker=self.broker.name if self.broker else "postgres",
                 concurrency=self.concurrency,
             )
-
-    async def _ensure_queues(self, broker: Broker) -> None:
-        """Create the broker's queues, retrying while the broker is down (the worker runs meanwhile)."""
-        delay = 0.5
-        while not self._stopping.is_set():
-            try:
-                await broker.ensure(self.queues)
-                return
-            except BrokerError as exc:
-                log.error("broker %s unreachable (%s); retrying in %.1fs", broker.name, exc, delay)
-                await wait_any(self._stopping, seconds=delay)
-                delay = min(delay * 2, 30.0)
 
     async def _heartbeat_loop(self) -> None:
         while not self._stopping.is_set():
