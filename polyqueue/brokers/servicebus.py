@@ -184,7 +184,8 @@ class ServiceBusBroker:
             closed.cancel()
             if not work.done():  # close() came first (or this call was cancelled)
                 work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+            # Always collected: a failure that races a cancel is never left "never retrieved".
+            await asyncio.gather(work, return_exceptions=True)
         if work.cancelled():
             return []
         for got in work.result():
