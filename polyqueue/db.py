@@ -89,10 +89,11 @@ async def while_unreachable(op: Callable[[], Awaitable[T]], *, wait: float, what
         try:
             return await op()
         except Exception as exc:
-            if not unreachable(exc) or time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if not unreachable(exc) or remaining <= 0:
                 raise
             log.warning("%s: database unreachable (%s); retrying for up to %.0f s", what, _first_line(exc), wait)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(min(delay, remaining))  # the last try is at the deadline, not before it
             delay = min(delay * 2, 2.0)
 
 
