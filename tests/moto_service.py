@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -29,6 +30,7 @@ __all__ = ["FAKE_CREDENTIALS", "MotoServer", "SqsService", "TcpProxy", "configur
 #: What moto accepts; passed explicitly (broker URL, subprocess env), never set globally.
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 REGION = "us-east-1"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ def moto_available() -> bool:
 
 
 class MotoServer:
-    """``python -m moto.server`` on 127.0.0.1: start (~0.5 s), stop (SIGKILL), start again empty."""
+    """moto's server on 127.0.0.1 (``tests/moto_server.py``: one quadratic scan fixed):
+    start (~0.5 s), stop (SIGKILL), start again empty."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -86,9 +89,9 @@ class MotoServer:
         return SqsService(f"http://127.0.0.1:{self.port}", FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"], "testing")
 
     async def start(self) -> None:
-        args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        args = [sys.executable, "-m", "tests.moto_server", "-H", "127.0.0.1", "-p", str(self.port)]
         self._proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            *args, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 20.0
