@@ -94,12 +94,13 @@ class Fleet:
         self.workers: list[subprocess.Popen[bytes]] = []
         self.relays: list[subprocess.Popen[bytes]] = []
         self.stopped: set[int] = set()
+        self.hung: list[str] = []  # did not stop within 30 s of SIGTERM
 
     def _spawn(self, kind: str, args: list[str]) -> subprocess.Popen[bytes]:
         procs = self.workers if kind == "worker" else self.relays
-        log = open(self.log_dir / f"{kind}-{len(procs)}.log", "wb")  # closed when the process exits
         cmd = [sys.executable, "-m", "polyqueue.cli", kind, APP, *args]
-        proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        with open(self.log_dir / f"{kind}-{len(procs)}.log", "wb") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
         procs.append(proc)
         return proc
 
@@ -123,8 +124,8 @@ class Fleet:
 
     def crashed(self) -> list[str]:
         """Processes that exited on their own with an error (not killed, not stopped by us)."""
-        return [
-            f"{' '.join(map(str, p.args[3:5]))} (pid {p.pid}) exited {p.returncode}"  # type: ignore[index]
+        return self.hung + [
+            f"{' '.join(map(str, p.args[3:5]))} (pid {p.pid}) exited {p.returncode} on its own"  # type: ignore[index]
             for p in (*self.workers, *self.relays)
             if p.returncode not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)
         ]
@@ -140,6 +141,7 @@ class Fleet:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
+                self.hung.append(f"{' '.join(map(str, p.args[3:5]))} (pid {p.pid}) ignored SIGTERM for 30 s")  # type: ignore[index]
                 p.kill()
                 p.wait()
 
@@ -413,7 +415,7 @@ async def run(
             if not await _quiescent(engine, timeout=180):
                 books.violations.append(f"not quiescent after 180 s (logs in {tmp})")
             fleet.stop_all()
-            books.violations += [f"{c} on its own" for c in fleet.crashed()]
+            books.violations += fleet.crashed()
             await _settle_uncertain(engine, books)
             await _audit(engine, books)
     finally:
