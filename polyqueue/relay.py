@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._aio import wait_any
+from polyqueue._aio import wait_any, wait_any_future
 from polyqueue.brokers.base import Broker, Message, TransactionalPublisher
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
@@ -28,6 +29,9 @@ from polyqueue.settings import Settings
 __all__ = ["Relay", "ensure_queues"]
 
 log = logging.getLogger("polyqueue.relay")
+
+#: Seconds a batch still publishing when the relay is told to stop gets to finish.
+STOP_GRACE = 5.0
 
 
 async def ensure_queues(broker: Broker, queues: Sequence[str], stopping: asyncio.Event) -> None:
@@ -84,6 +88,22 @@ class Relay:
             self.metrics.job_dispatched(queue, count)
         return len(rows)
 
+    async def _once_unless_stopped(self, stopping: asyncio.Event) -> int:
+        """``run_once``, but a stop request gives a batch in flight ``STOP_GRACE`` seconds, then
+        abandons it: a relay blocked on a slow broker must still stop on SIGTERM. An abandoned
+        batch's transaction rolls back, so its jobs stay pending (any copies already published
+        are harmless duplicates: a job runs only for the worker that claims it in Postgres)."""
+        once = asyncio.ensure_future(self.run_once())
+        if await wait_any_future(once, stopping):
+            return once.result()
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(asyncio.shield(once), STOP_GRACE)
+        if not once.done():
+            log.warning("relay: stopping; abandoning a batch still publishing after %.0f s", STOP_GRACE)
+            once.cancel()
+        await asyncio.gather(once, return_exceptions=True)
+        return 0
+
     async def run(self, stopping: asyncio.Event) -> None:
         """Publish until ``stopping`` is set, waking on NOTIFY and polling as a fallback."""
         if self.listener is not None:
@@ -93,7 +113,7 @@ class Relay:
             while not stopping.is_set():
                 self._wakeup.clear()
                 try:
-                    count = await self.run_once()
+                    count = await self._once_unless_stopped(stopping)
                     backoff = 0.5
                 except BrokerError as exc:
                     log.error(

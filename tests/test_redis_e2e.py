@@ -183,3 +183,38 @@ async def test_a_relay_started_while_redis_is_down_waits_for_it(
         stopping.set()
         await asyncio.gather(relay, worker)
     await assert_exactly_once(engine, 20)
+
+
+async def test_a_relay_blocked_on_a_silent_broker_still_stops(engine: AsyncEngine, db_url: URL) -> None:
+    """A broker that accepts connections and never answers (a hung server) must not keep a relay
+    from stopping: the batch in flight is abandoned after the grace and its jobs stay pending."""
+    import asyncio
+    import time
+
+    from polyqueue import Polyqueue
+    from polyqueue.relay import STOP_GRACE
+    from tests.services import url_str
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass  # read everything, answer nothing
+        writer.close()
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        await enqueue_effects(engine, 5)
+        relay_app = Polyqueue(
+            database_url=url_str(db_url), queue_backend="redis", broker_url=f"redis://127.0.0.1:{port}/0"
+        )
+        stopping = asyncio.Event()
+        relay = asyncio.create_task(run_relay(relay_app, engine=engine, stopping=stopping))
+        await asyncio.sleep(1.0)
+        assert not relay.done()
+        stopping.set()
+        started = time.monotonic()
+        await asyncio.wait_for(relay, STOP_GRACE + 15)  # grace, then the bounded broker close
+        assert time.monotonic() - started < STOP_GRACE + 12
+        assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'pending'") == 5
+    finally:
+        silent.close()

@@ -83,7 +83,7 @@ async def open_broker(name: str, tmp: Path, engine: AsyncEngine, lease: float) -
         try:
             yield ChaosBroker(
                 {**backend, "POLYQUEUE_BROKER_URL": url, **service.env(), **slow},
-                jobs_per_second=25,
+                jobs_per_second=12,
                 fault_name="broker_outage",
                 fault=_outage(proxy),
             )
