@@ -220,6 +220,40 @@ async def test_concurrent_publish_receive_renew_settle_survive_a_peer_restart(pe
     assert misuse == []
 
 
+async def test_ack_many_has_every_settlement_in_flight_at_once(peer: ServiceBusPeer) -> None:
+    """Issue #5. A settlement waits for its outcome, which the SDK reads ~0.2 s late while a
+    receive holds its socket: one at a time, a worker acked 5 messages a second, its unacked
+    locks ran out and came back as redeliveries. The peer holds the outcomes here until all
+    settlements have arrived, which they only do if they were sent without waiting for each other.
+    """
+    peer.start()
+    queue, n = f"many-{uuid.uuid4().hex[:8]}", 20
+    broker = ServiceBusBroker(peer.connection_string)
+    try:
+        await broker.publish([Message(uuid.uuid4(), queue) for _ in range(n)])
+        got: list[Delivery] = []
+
+        async def received_all() -> bool:
+            got.extend(await broker.receive([queue], n - len(got), 0.2))
+            return len(got) == n
+
+        await wait_until(received_all, timeout=10, what=f"{n} deliveries")
+        peer.hold_settlements(True)
+        acking = asyncio.ensure_future(broker.ack_many(got))
+
+        async def all_held() -> bool:
+            return peer.held_settlements() == n
+
+        try:
+            await wait_until(all_held, timeout=10, what=f"{n} settlements in flight at once")
+        finally:
+            peer.hold_settlements(False)
+            await acking
+        assert peer.outstanding(queue) == 0  # and every one of them was applied
+    finally:
+        await broker.close()
+
+
 @pytest.mark.skipif(
     not os.environ.get(REAL_ENV),
     reason=f"{REAL_ENV} is unset: set it to a real namespace's (or Microsoft's emulator's) connection string "

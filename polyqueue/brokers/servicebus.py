@@ -29,11 +29,18 @@ Concurrency (issue #5). The aio SDK's handlers are not safe for concurrent use a
   management requests at once (two lock renewals) send transfer ids out of order; the
   peer ends the connection for the sequencing error.
 
+* A settlement (``complete_message`` and the rest) is a disposition frame, which carries no
+  transfer id, and then waits for the peer's outcome. The SDK reads that outcome under a
+  socket lock shared with the receive, with a 0.2 s read timeout, so a settlement takes about
+  0.2 s while a receive runs: one at a time that was 5 acks/s (measured against the test
+  peer), and a worker's unacked locks ran out and came back as redeliveries.
+
 So here: a handler is opened once, by one coroutine (``_link`` holds a lock per queue and
 kind), and published only when open; the SDK's own retries are off (``retry_total=0``: the
 SDK never reopens a handler, the adapter replaces it); calls that send transfers on a
-handler's session (publish, schedule, renew, settle) go one at a time per handler; a failed
-handler is dropped only if it is still the current one, never a fresh replacement. A
+handler's session (publish, schedule, renew) go one at a time per handler; settlements do
+not send transfers and run concurrently (``ack_many``, up to ``MAX_CONCURRENT_SETTLES``); a
+failed handler is dropped only if it is still the current one, never a fresh replacement. A
 delivery is settled on the receiver that received it (its lock token is bound to that
 link): once that receiver is dropped its deliveries count as lock lost, and Service Bus
 redelivers them when the lock expires (Postgres ownership guards the job meanwhile).
@@ -89,6 +96,8 @@ CLOSE_TIMEOUT = 2.0
 #: The SDK's own retries reopen a handler from any coroutine (see the module docstring): off.
 #: The relay, the worker's fetch loop and its lock renewals retry on their own.
 SDK_RETRY_TOTAL = 0
+#: Settlements in flight at once in ``ack_many``: each waits ~0.2 s for its outcome (see above).
+MAX_CONCURRENT_SETTLES = 64
 
 
 class _Link:
@@ -98,7 +107,7 @@ class _Link:
 
     def __init__(self, handler: ServiceBusSender | ServiceBusReceiver) -> None:
         self.handler = handler
-        self.sends = asyncio.Lock()  # publish, schedule, renew, settle: one at a time (transfer ids)
+        self.sends = asyncio.Lock()  # publish, schedule, renew: one at a time (transfer ids)
 
 
 class _LinkGone(BrokerError):
@@ -217,6 +226,18 @@ class ServiceBusBroker:
         else:
             await self._settle("ack", delivery, lambda r: r.complete_message(message))
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """:meth:`ack` for many, up to ``MAX_CONCURRENT_SETTLES`` at once; the first failure is raised after all ran."""
+        slots = asyncio.Semaphore(MAX_CONCURRENT_SETTLES)
+
+        async def one(delivery: Delivery) -> None:
+            async with slots:
+                await self.ack(delivery)
+
+        results = await asyncio.gather(*(one(d) for d in deliveries), return_exceptions=True)
+        if errors := [r for r in results if isinstance(r, BaseException)]:
+            raise errors[0]
+
     async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         """``abandon_message`` now; with a delay, schedule a copy and complete the original."""
         _, message = _handle(delivery)
@@ -269,7 +290,8 @@ class ServiceBusBroker:
         """Settle on the delivery's own receiver; a lost lock is a logged no-op (Postgres ownership guards)."""
         link, _ = _handle(delivery)
         try:
-            async with self._call(op, delivery.queue, link) as receiver:
+            # Not under link.sends: a disposition carries no transfer id (see the module docstring).
+            async with self._call(op, delivery.queue, link, serialised=False) as receiver:
                 await settle(receiver)
         except BrokerError as exc:
             if not isinstance(exc, _LinkGone) and not isinstance(exc.__cause__, _LOCK_GONE):

@@ -126,6 +126,9 @@ class ServiceBusPeer(Handler):
         self._acceptor: Any = None
         #: Connections proton closed for a protocol violation by the client (condition, description).
         self.protocol_errors: list[tuple[str, str]] = []
+        #: While True, settlements on receive links wait unanswered (see ``hold_settlements``).
+        self._holding = False
+        self._held: list[Delivery] = []
 
     # -- the test thread's side --------------------------------------------------------------------
     @property
@@ -155,6 +158,18 @@ class ServiceBusPeer(Handler):
             q = self.queues.get(queue)
             waiting = len(q.ready) + len(q.scheduled) if q else 0
             return waiting + sum(1 for lk in self.locks.values() if lk.queue.name == queue)
+
+    def hold_settlements(self, hold: bool) -> None:
+        """Hold client settlements on receive links unanswered (True) or answer them (False).
+
+        Lets a test see how many settlements a client has in flight at once.
+        """
+        with self.lock:
+            self._holding = hold
+
+    def held_settlements(self) -> int:
+        with self.lock:
+            return len(self._held)
 
     def wipe(self) -> None:
         with self.lock:
@@ -205,6 +220,10 @@ class ServiceBusPeer(Handler):
                 event.container.stop()
             return
         with self.lock:
+            if not self._holding:
+                held, self._held = self._held, []
+                for d in held:
+                    self._settled_by_client(d)
             self._expire()
             self._pump_all()
         event.container.schedule(TICK, self)
@@ -283,7 +302,11 @@ class ServiceBusPeer(Handler):
                     d.settle()
                     link.flow(1)
             elif d.updated and d.remote_state:
-                self._settled_by_client(d)
+                if self._holding:
+                    if d not in self._held:
+                        self._held.append(d)
+                else:
+                    self._settled_by_client(d)
 
     # -- queues ------------------------------------------------------------------------------------
     def _queue(self, name: str) -> Queue:
