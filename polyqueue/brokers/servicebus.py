@@ -33,7 +33,10 @@ Concurrency (issue #5). The aio SDK's handlers are not safe for concurrent use a
   transfer id, and then waits for the peer's outcome. The SDK reads that outcome under a
   socket lock shared with the receive, with a 0.2 s read timeout, so a settlement takes about
   0.2 s while a receive runs: one at a time that was 5 acks/s (measured against the test
-  peer), and a worker's unacked locks ran out and came back as redeliveries.
+  peer), and a worker's unacked locks ran out and came back as redeliveries. Only when the
+  receive link cannot confirm a settlement (connection lost, link detached) does the SDK
+  settle again through the management link, a transfer: concurrent ones may then race, the
+  service ends the connection, and the handler is replaced like after any connection error.
 
 So here: a handler is opened once, by one coroutine (``_link`` holds a lock per queue and
 kind), and published only when open; the SDK's own retries are off (``retry_total=0``: the

@@ -196,6 +196,7 @@ class ServiceBusPeer(Handler):
                 q.consumers.clear()
             for lk in self.locks.values():
                 lk.delivery = None
+            self._held.clear()  # their connections are gone: the client sees the settlements fail
 
     # -- proton events (container thread) ----------------------------------------------------------
     def on_reactor_init(self, event: Any) -> None:
