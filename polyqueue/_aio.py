@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from typing import Any
 
-__all__ = ["wait_any", "wait_any_future"]
+__all__ = ["gather_all", "wait_any", "wait_any_future"]
+
+
+async def gather_all(*aws: Awaitable[Any]) -> None:
+    """Run every awaitable to its end, then raise the first failure (none is cut short by another's)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    if errors := [r for r in results if isinstance(r, BaseException)]:
+        raise errors[0]
 
 
 async def wait_any(*events: asyncio.Event, seconds: float | None) -> bool:

@@ -74,6 +74,7 @@ from azure.servicebus.exceptions import (
     ServiceBusQuotaExceededError,
 )
 
+from polyqueue._aio import gather_all
 from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message, decode_message, encode_message
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
@@ -237,9 +238,7 @@ class ServiceBusBroker:
             async with slots:
                 await self.ack(delivery)
 
-        results = await asyncio.gather(*(one(d) for d in deliveries), return_exceptions=True)
-        if errors := [r for r in results if isinstance(r, BaseException)]:
-            raise errors[0]
+        await gather_all(*(one(d) for d in deliveries))
 
     async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         """``abandon_message`` now; with a delay, schedule a copy and complete the original."""

@@ -36,6 +36,7 @@ from aiobotocore.session import AioSession  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError  # type: ignore[import-untyped]
 from botocore.exceptions import ConnectionError as SdkConnectionError
 
+from polyqueue._aio import gather_all
 from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message, decode_message, encode_message
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
@@ -198,9 +199,7 @@ class SqsBroker:
         if skipped:
             log.info("ack of %d sqs deliveries skipped: their visibility ran out", skipped)
         chunks = [(url, [*ds.values()][i : i + BATCH]) for url, ds in by_url.items() for i in range(0, len(ds), BATCH)]
-        results = await asyncio.gather(*(self._delete(url, chunk) for url, chunk in chunks), return_exceptions=True)
-        if errors := [r for r in results if isinstance(r, BaseException)]:
-            raise errors[0]
+        await gather_all(*(self._delete(url, chunk) for url, chunk in chunks))
 
     async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         """``ChangeMessageVisibility`` to ``delay`` (0: visible now; at most 12 hours after the first receive)."""
