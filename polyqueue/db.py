@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -73,10 +74,24 @@ def unreachable(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         orig = exc.orig
-        return getattr(orig, "sqlstate", None) in _NOT_NOW or isinstance(orig, OSError | TimeoutError)
+        return (
+            getattr(orig, "sqlstate", None) in _NOT_NOW
+            or isinstance(orig, OSError | TimeoutError)
+            or _broken_mid_operation(orig)
+        )
     if isinstance(exc, socket.gaierror):
         return False
     return isinstance(exc, OSError | TimeoutError) or getattr(exc, "sqlstate", None) in _NOT_NOW
+
+
+def _broken_mid_operation(orig: BaseException | None) -> bool:
+    """asyncpg's own connection-state errors (``not connected``, ``cannot switch to state 12;
+    another operation (2) is in progress``): the connection broke under a statement. Seen in the
+    chaos run when Postgres shut down during a new connection's first statements: the server's
+    FATAL was consumed by one, and the next found the protocol still waiting for the end of it.
+    Only the base class: its subclasses (schema cache, target attributes) are not outages."""
+    cause = orig.__cause__ if orig is not None and orig.__cause__ is not None else orig
+    return type(cause) is asyncpg.exceptions.InternalClientError
 
 
 async def while_unreachable(op: Callable[[], Awaitable[T]], *, wait: float, what: str) -> T:

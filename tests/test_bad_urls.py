@@ -169,6 +169,32 @@ async def test_a_wrong_database_name_fails_at_once_despite_a_long_startup_wait()
     assert seconds < 20, "waited for a database that does not exist"
 
 
+def _as_sqlalchemy_error(error: Exception) -> Exception:
+    """``error`` as SQLAlchemy's asyncpg dialect raises it: adapted, chained, wrapped in a DBAPIError."""
+    from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
+    from sqlalchemy.exc import DBAPIError
+
+    adapted: Exception = AsyncAdapt_asyncpg_dbapi.InternalClientError(str(error))
+    adapted.__cause__ = error
+    return DBAPIError.instance("show transaction isolation level", None, adapted, AsyncAdapt_asyncpg_dbapi.Error)
+
+
+def test_a_connection_broken_mid_statement_counts_as_unreachable_other_client_errors_do_not() -> None:
+    """Seen in the SQS chaos run: a relay connecting while Postgres shut down got asyncpg's
+    "cannot switch to state 12; another operation (2) is in progress" (the server's FATAL had
+    been consumed by an earlier statement of SQLAlchemy's first connect) and exited instead of
+    riding the restart out for startup_wait."""
+    from polyqueue.db import unreachable
+
+    broken = asyncpg.exceptions.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+    assert unreachable(_as_sqlalchemy_error(broken))
+    assert unreachable(_as_sqlalchemy_error(asyncpg.exceptions.InternalClientError("not connected")))
+    schema = asyncpg.exceptions.OutdatedSchemaCacheError("cache lookup failed for type 1")
+    assert not unreachable(_as_sqlalchemy_error(schema))
+    password = asyncpg.exceptions.InvalidPasswordError("password authentication failed")
+    assert not unreachable(password)
+
+
 # -- broker URLs ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BrokerCase:
