@@ -105,13 +105,24 @@ MAX_CONCURRENT_SETTLES = 64
 
 
 class _Link:
-    """One open SDK sender or receiver, and the lock its session's transfers go through."""
+    """One open SDK sender or receiver, the lock its session's transfers go through, and its users.
 
-    __slots__ = ("handler", "sends")
+    A dropped link is closed only once no call is using it: closing a handler under a running
+    receive makes the SDK read links it has already set to None.
+    """
+
+    __slots__ = ("closed", "handler", "sends", "users")
 
     def __init__(self, handler: ServiceBusSender | ServiceBusReceiver) -> None:
         self.handler = handler
         self.sends = asyncio.Lock()  # publish, schedule, renew: one at a time (transfer ids)
+        self.users = 0  # SDK calls under way on the handler
+        self.closed = False
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await _close(self.handler)
 
 
 class _LinkGone(BrokerError):
@@ -357,17 +368,23 @@ class ServiceBusBroker:
         return any(current is link for current in (*self._receivers.values(), *self._senders.values()))
 
     async def _drop(self, link: _Link) -> None:
-        """Forget and close ``link`` if it is still current; a replacement opened since is left alone."""
+        """Forget ``link`` if it is still current (a replacement opened since is left alone).
+
+        Its handler is closed now if no call is using it, else by the last call to leave it.
+        """
         for links in (self._receivers, self._senders):
             for q, current in list(links.items()):
                 if current is link:
                     del links[q]  # before any await: no new call can pick it up
-                    await _close(link.handler)
+                    if link.users == 0:
+                        await link.close()
 
     async def _drop_all(self) -> None:
+        """Shutdown: close every handler, in use or not (a blocked call then fails, and is over)."""
         for links in (self._receivers, self._senders):
-            for link in list(links.values()):
-                await self._drop(link)
+            for q, link in list(links.items()):
+                del links[q]
+                await link.close()
         client, credential, self._client, self._credential = self._client, self._credential, None, None
         with contextlib.suppress(Exception):
             if client is not None:
@@ -386,8 +403,19 @@ class ServiceBusBroker:
         async with link.sends if serialised else contextlib.nullcontext():
             if not self._is_current(link):
                 raise _LinkGone(f"azure service bus {op} on {self.entity(queue)!r}: its link was closed after an error")
-            async with self._mapped(op, queue, link):
-                yield link.handler
+            if not getattr(link.handler, "_running", True):
+                # The SDK shut the handler down after another call's error (see _shut_under): a call
+                # now would reopen it from here, racing any other caller that does the same.
+                await self._drop(link)
+                raise _LinkGone(f"azure service bus {op} on {self.entity(queue)!r}: the SDK shut its handler down")
+            link.users += 1
+            try:
+                async with self._mapped(op, queue, link):
+                    yield link.handler
+            finally:
+                link.users -= 1
+                if link.users == 0 and not self._is_current(link):
+                    await link.close()  # dropped while this call used it
 
     @contextlib.asynccontextmanager
     async def _mapped(self, op: str, queue: str, link: _Link | None) -> AsyncIterator[None]:
@@ -397,6 +425,12 @@ class ServiceBusBroker:
         except (ServiceBusError, MessageAlreadySettled, OSError, TimeoutError) as exc:
             if link is not None and isinstance(exc, ServiceBusError) and getattr(exc, "_shutdown_handler", False):
                 await self._drop(link)
+            if link is not None and _shut_under(link, exc):
+                raise BrokerError(
+                    f"azure service bus {op} on {self.entity(queue)!r} at {self.where} failed: the SDK shut the "
+                    "handler down during the call, after another call on it lost the connection",
+                    transient=True,
+                ) from exc
             transient = not isinstance(exc, (*_PERMANENT, *_LOCK_GONE, MessageAlreadySettled))
             raise BrokerError(
                 f"azure service bus {op} on {self.entity(queue)!r} at {self.where} failed: {exc}", transient=transient
@@ -408,6 +442,24 @@ class ServiceBusBroker:
                 f"azure service bus {op} on {self.entity(queue)!r} at {self.where} failed unexpectedly: {exc!r}",
                 transient=True,
             ) from exc
+
+
+def _shut_under(link: _Link, exc: BaseException) -> bool:
+    """Whether ``exc`` is the SDK failing a call because it closed the call's handler meanwhile.
+
+    The SDK's retry wrapper closes a handler on any connection-level error, from whichever call
+    met it; a receive running at the same time on that handler then reads the links the close
+    set to None (``'NoneType' object has no attribute 'flow'``), which the SDK reports as
+    "Handler failed". Not so when this adapter closed the handler: it never closes one in use.
+    """
+    inner = getattr(exc, "inner_exception", None)
+    return (
+        isinstance(inner, AttributeError)
+        and "'NoneType'" in str(inner)
+        and "create_" not in str(inner)  # two opens racing (create_*_link): _link and _call prevent those
+        and not link.closed
+        and not getattr(link.handler, "_running", True)
+    )
 
 
 async def _close(handler: ServiceBusSender | ServiceBusReceiver) -> None:
