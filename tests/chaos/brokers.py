@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from polyqueue.pgmq_install import install_pgmq
 from tests.moto_service import MotoServer, TcpProxy
 from tests.redis_service import RedisServer, free_port, redis_server_exe
+from tests.servicebus_peer.peer import connection_string
 
 BROKERS = ("postgres", "memory", "redis", "sqs", "pgmq", "azure_service_bus")
 OUTAGE_SECONDS = 1.0
@@ -92,15 +93,11 @@ async def open_broker(name: str, tmp: Path, engine: AsyncEngine, lease: float) -
             await moto.stop()
     elif name == "azure_service_bus":
         port = free_port()
-        peer = _start_peer(port, lease, tmp)
+        peer = start_peer(port, lease, tmp)
         proxy = TcpProxy(port)
         await proxy.start()
-        conn = (
-            f"Endpoint=sb://127.0.0.1:{proxy.port};SharedAccessKeyName=peer;"
-            "SharedAccessKey=cGVlcg==;UseDevelopmentEmulator=true;"
-        )
         try:
-            env = {**backend, "POLYQUEUE_BROKER_URL": conn}
+            env = {**backend, "POLYQUEUE_BROKER_URL": connection_string(proxy.port)}
             yield ChaosBroker(env, fault_name="broker_outage", fault=_outage(proxy))
         finally:
             await proxy.stop()
@@ -119,7 +116,7 @@ def _outage(proxy: TcpProxy) -> Callable[[], Awaitable[None]]:
     return outage
 
 
-def _start_peer(port: int, lock_seconds: float, tmp: Path) -> subprocess.Popen[bytes]:
+def start_peer(port: int, lock_seconds: float, tmp: Path) -> subprocess.Popen[bytes]:
     """The Service Bus test peer in a process of its own (its AMQP reactor then has a core to itself)."""
     log = open(tmp / "peer.log", "wb")  # closed when the process exits
     cmd = [sys.executable, "-m", "tests.chaos.peer_process", str(port), str(lock_seconds)]

@@ -22,7 +22,7 @@ from typing import Any
 from proton import Array, Condition, Data, Delivery, Endpoint, Handler, Link, Message, symbol, timestamp
 from proton.reactor import Container
 
-__all__ = ["ServiceBusPeer"]
+__all__ = ["ServiceBusPeer", "connection_string"]
 
 TICK = 0.05  # how often lock expiry and scheduled messages are checked
 DEAD_LETTER_SUFFIX = "/$deadletterqueue"
@@ -57,6 +57,13 @@ class Queue:
     ready: deque[Stored] = field(default_factory=deque)
     scheduled: list[tuple[float, Stored]] = field(default_factory=list)
     consumers: list[Link] = field(default_factory=list)
+
+
+def connection_string(port: int) -> str:
+    """What the unmodified SDK is given to reach a peer on ``port`` (plain TCP, no TLS)."""
+    return (
+        f"Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName=peer;SharedAccessKey=cGVlcg==;UseDevelopmentEmulator=true;"
+    )
 
 
 def _node(address: str | None) -> str:
@@ -133,10 +140,7 @@ class ServiceBusPeer(Handler):
     # -- the test thread's side --------------------------------------------------------------------
     @property
     def connection_string(self) -> str:
-        return (
-            f"Endpoint=sb://127.0.0.1:{self.port};SharedAccessKeyName=peer;"
-            "SharedAccessKey=cGVlcg==;UseDevelopmentEmulator=true;"
-        )
+        return connection_string(self.port)
 
     def configure(self, prefix: str, *, lock_duration: float, max_delivery_count: int = 10) -> None:
         """Settings for queues whose names start with ``prefix`` (existing ones included)."""
