@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import suite
+from benchmarks.brokers import local_broker
 from benchmarks.db import create_database, drop_database, migrate
 from benchmarks.profiling import PySpy
 from benchmarks.report import Result, render
@@ -44,10 +47,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--backend",
         default="postgres",
-        help="queue_backend of the app for e2e and latency: postgres (direct mode, default) or memory; "
-        "later adapters (redis, sqs, ...) plug in by name",
+        help="queue_backend of the app for e2e and latency: postgres (direct mode, default), memory, redis, "
+        "sqs, pgmq or azure_service_bus; without --broker-url a local stand-in is started (benchmarks/brokers.py)",
     )
-    p.add_argument("--broker-url", default=None, help="broker URL, for backends that take one")
+    p.add_argument(
+        "--broker-url", default=None, help="broker URL, for backends that take one (default: a local stand-in)"
+    )
     p.add_argument("--database-url", default=None, help="server to create the database on (else env, localhost...)")
     p.add_argument("--concurrency", type=int, default=32, help="worker concurrency for e2e and latency (32)")
     p.add_argument(
@@ -86,6 +91,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _main(args: argparse.Namespace) -> list[Result]:
+    async with contextlib.AsyncExitStack() as stack:
+        if args.broker_url is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pqbench-")))
+            args.broker_url, args.broker = await stack.enter_async_context(local_broker(args.backend, tmp))
+        else:
+            args.broker = "--broker-url"
+        return await _run(args)
+
+
+async def _run(args: argparse.Namespace) -> list[Result]:
     db = await create_database(args.database_url)
     results: list[Result] = []
     try:
@@ -101,7 +116,7 @@ async def _main(args: argparse.Namespace) -> list[Result]:
         )
         print(
             f"machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"backend for e2e/latency: {args.backend}",
+            f"backend for e2e/latency: {args.backend} (broker: {args.broker})",
             flush=True,
         )
         bench = suite.Bench(db, args)
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(_main(args))
     print()
-    title = f"polyqueue benchmarks ({started}, backend={args.backend})"
+    title = f"polyqueue benchmarks ({started}, backend={args.backend}, broker: {args.broker})"
     print(render(results, title=title))
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in results], indent=2))
