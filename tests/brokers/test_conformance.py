@@ -90,6 +90,9 @@ async def test_lease_extension_keeps_delivery(harness: Harness) -> None:
     owner = await harness.make(lease_seconds=lease)
     need_lease(owner)
     other = await harness.make(lease_seconds=lease)
+    # other's first receive opens its link (an AMQP attach, slow on a loaded box): before the
+    # lease clock starts, so each round below costs 0.4 s plus one renewal, never a connect.
+    assert await other.receive([Q], 10, 0.01) == []
     await owner.publish(messages(1))
     [d] = await receive_until(owner, 1, 5.0)
     for _ in range(4):  # 4 x 0.4 s: well past one lease
