@@ -13,7 +13,7 @@ import datetime as dt
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -23,6 +23,7 @@ __all__ = [
     "DONE_CHANNEL",
     "NEW_JOB_CHANNEL",
     "ClaimedJob",
+    "Dispatchable",
     "Outcome",
     "job_claim_by_ids",
     "job_claim_pending",
@@ -356,16 +357,30 @@ async def job_redispatch_stale(conn: Executor, *, older_than: float) -> int:
     return int(result.scalar_one())
 
 
-async def job_take_for_dispatch(conn: Executor, limit: int) -> list[tuple[uuid.UUID, str]]:
-    """Lock up to ``limit`` due pending jobs for the relay (call inside a transaction)."""
+class Dispatchable(NamedTuple):
+    """A pending job the relay took: its id, queue, and a key for this dispatch of it."""
+
+    id: uuid.UUID
+    queue: str
+    dispatch_key: str  # JOB_ID/ATTEMPT/XMIN: see Message.dispatch_key
+
+
+async def job_take_for_dispatch(conn: Executor, limit: int) -> list[Dispatchable]:
+    """Lock up to ``limit`` due pending jobs for the relay (call inside a transaction).
+
+    The dispatch key ends with the row version's ``xmin``, the transaction that last changed
+    the job: a relay whose batch rolled back takes the same version again (same key), while a
+    retry, a re-dispatch or a requeue commits a new one.
+    """
     rows = await conn.execute(
         text(
-            "SELECT id, queue FROM polyqueue_jobs WHERE status = 'pending' AND run_at <= now() "
+            "SELECT id, queue, id::text || '/' || attempt || '/' || xmin::text FROM polyqueue_jobs "
+            "WHERE status = 'pending' AND run_at <= now() "
             "ORDER BY priority, run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
         ),
         {"limit": limit},
     )
-    return [(row[0], row[1]) for row in rows]
+    return [Dispatchable(row[0], row[1], row[2]) for row in rows]
 
 
 async def job_mark_enqueued(conn: Executor, ids: Sequence[uuid.UUID]) -> None:

@@ -77,14 +77,14 @@ class Relay:
             rows = await job_take_for_dispatch(conn, self.batch_size)
             if not rows:
                 return 0
-            messages = [Message(job_id, queue) for job_id, queue in rows]
+            messages = [Message(r.id, r.queue, r.dispatch_key) for r in rows]
             if self.broker.capabilities.transactional_publish and isinstance(self.broker, TransactionalPublisher):
                 await self.broker.publish_in(conn, messages)  # commits or rolls back with the mark below
             else:
                 await self.broker.publish(messages)
-            await job_mark_enqueued(conn, [job_id for job_id, _ in rows])
+            await job_mark_enqueued(conn, [r.id for r in rows])
         self.published += len(rows)
-        for queue, count in collections.Counter(q for _, q in rows).items():
+        for queue, count in collections.Counter(r.queue for r in rows).items():
             self.metrics.job_dispatched(queue, count)
         return len(rows)
 

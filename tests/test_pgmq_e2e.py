@@ -184,7 +184,7 @@ async def test_publish_in_commits_and_rolls_back_with_the_callers_transaction(
         with pytest.raises(Crash):
             async with pgmq_engine.begin() as conn:
                 rows = await job_take_for_dispatch(conn, 100)
-                await broker.publish_in(conn, [Message(job_id, queue) for job_id, queue in rows])
+                await broker.publish_in(conn, [Message(r.id, r.queue) for r in rows])
                 raise Crash  # before job_mark_enqueued and commit
         assert await _queued(pgmq_engine) == 0  # rolled back with the transaction: nothing to double-publish
         assert await scalar(pgmq_engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'pending'") == 5
@@ -193,18 +193,18 @@ async def test_publish_in_commits_and_rolls_back_with_the_callers_transaction(
         with pytest.raises(Crash):
             async with pgmq_engine.begin() as conn:
                 rows = await job_take_for_dispatch(conn, 100)
-                await broker.publish([Message(job_id, queue) for job_id, queue in rows])
+                await broker.publish([Message(r.id, r.queue) for r in rows])
                 raise Crash
         assert await _queued(pgmq_engine) == 5
         await _purge(pgmq_engine)
 
         async with pgmq_engine.begin() as conn:
             rows = await job_take_for_dispatch(conn, 100)
-            await broker.publish_in(conn, [Message(job_id, queue) for job_id, queue in rows])
-            await job_mark_enqueued(conn, [job_id for job_id, _ in rows])
+            await broker.publish_in(conn, [Message(r.id, r.queue) for r in rows])
+            await job_mark_enqueued(conn, [r.id for r in rows])
         assert await _queued(pgmq_engine) == 5
         got = await broker.receive(["default"], 10, 2.0)
-        assert sorted(d.job_id for d in got if d.job_id) == sorted(job_id for job_id, _ in rows)
+        assert sorted(d.job_id for d in got if d.job_id) == sorted(r.id for r in rows)
     finally:
         await broker.close()
 

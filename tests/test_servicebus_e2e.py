@@ -21,10 +21,12 @@ import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import enqueue
+from polyqueue import Polyqueue, enqueue
 from polyqueue.brokers.base import Delivery, Message
 from polyqueue.brokers.servicebus import ServiceBusBroker
 from polyqueue.errors import BrokerError, LeaseLostError
+from polyqueue.queries import job_redispatch_stale
+from polyqueue.relay import Relay
 from tests.apps.effects import Effect
 from tests.helpers import (
     assert_exactly_once,
@@ -37,6 +39,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.servicebus_peer.peer import ServiceBusPeer
+from tests.services import url_str
 
 APP = "tests.apps.effects:app"
 LOCK_SECONDS = 2.0
@@ -218,6 +221,48 @@ async def test_concurrent_publish_receive_renew_settle_survive_a_peer_restart(pe
     assert [e for e in peer.protocol_errors if e[0] == "amqp:session:invalid-field"] == []
     misuse = [str(e) for e in errors if any(sign in str(e) for sign in SDK_MISUSE)]
     assert misuse == []
+
+
+class Crash(Exception):
+    """The relay process dies between its publish and its mark."""
+
+
+async def test_duplicate_detection_drops_a_relays_republish_never_a_redispatch(
+    engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #5. With duplicate detection on the queue, a relay that published a batch and died
+    before its mark committed publishes the same dispatches again, and Service Bus drops them. A
+    job re-dispatched after a lost delivery is a new dispatch (its row changed): published anew.
+    """
+    import polyqueue.relay
+
+    peer.start()
+    prefix = f"dedup-{uuid.uuid4().hex[:8]}-"
+    peer.configure(prefix, lock_duration=30.0, duplicate_window=600.0)
+    app = Polyqueue(database_url=url_str(db_url), queue_backend="azure_service_bus", broker_url=peer.connection_string)
+    broker = ServiceBusBroker(peer.connection_string, queue_prefix=prefix)
+    entity = broker.entity("default")
+    await create_effect_tables(engine)
+    await enqueue_effects(engine, 5)
+    try:
+
+        async def crash(*_args: object, **_kwargs: object) -> None:
+            raise Crash
+
+        monkeypatch.setattr(polyqueue.relay, "job_mark_enqueued", crash)
+        with pytest.raises(Crash):
+            await Relay(engine, broker, None, app.settings).run_once()
+        monkeypatch.undo()
+        assert peer.outstanding(entity) == 5  # published; the mark rolled back, so the jobs are still pending
+        assert await Relay(engine, broker, None, app.settings).run_once() == 5  # the same dispatches again
+        assert (peer.outstanding(entity), peer.duplicates_dropped(entity)) == (5, 5)
+
+        async with engine.begin() as conn:  # as maintenance does when deliveries are lost
+            assert await job_redispatch_stale(conn, older_than=0) == 5
+        assert await Relay(engine, broker, None, app.settings).run_once() == 5
+        assert (peer.outstanding(entity), peer.duplicates_dropped(entity)) == (10, 5)
+    finally:
+        await broker.close()
 
 
 async def test_ack_many_has_every_settlement_in_flight_at_once(peer: ServiceBusPeer) -> None:

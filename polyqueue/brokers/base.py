@@ -33,10 +33,17 @@ MAX_MESSAGE_BYTES = 4096
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """What the relay publishes for one job."""
+    """What the relay publishes for one job.
+
+    ``dispatch_key`` names this dispatch of the job: the same when a relay publishes again a
+    batch whose transaction did not commit, new after every committed change of the job (a
+    retry, a re-dispatch, a requeue). Brokers with duplicate detection use it as the message
+    id; it never travels in the body.
+    """
 
     job_id: uuid.UUID
     queue: str
+    dispatch_key: str | None = None
 
 
 @dataclass(slots=True)

@@ -499,11 +499,10 @@ def _chunks(message: ServiceBusReceivedMessage) -> Iterator[bytes]:
 
 
 def _message_id(message: Message) -> str:
-    """``JOB_ID/ATTEMPT`` when the message carries its attempt, so Service Bus duplicate detection
-    drops only a re-publish of the same attempt; without an attempt a fresh id (no deduplication:
-    a retry's new attempt must never be dropped as a duplicate)."""
-    attempt = getattr(message, "attempt", None)
-    return f"{message.job_id}/{attempt}" if attempt is not None else str(uuid.uuid4())
+    """The relay's dispatch key, so Service Bus duplicate detection drops only a re-publish of
+    one dispatch (a batch whose transaction rolled back), never a retry or a re-dispatch; a
+    message without one (published by hand) gets a fresh id: never deduplicated."""
+    return message.dispatch_key or str(uuid.uuid4())
 
 
 def _namespace(url: str) -> str:

@@ -54,9 +54,12 @@ class Queue:
     name: str
     lock_duration: float
     max_delivery_count: int
+    duplicate_window: float = 0.0  # seconds; 0: duplicate detection off (Service Bus's default)
     ready: deque[Stored] = field(default_factory=deque)
     scheduled: list[tuple[float, Stored]] = field(default_factory=list)
     consumers: list[Link] = field(default_factory=list)
+    seen: dict[str, float] = field(default_factory=dict)  # message id -> when first sent
+    duplicates_dropped: int = 0
 
 
 def connection_string(port: int) -> str:
@@ -119,8 +122,8 @@ class ServiceBusPeer(Handler):
         super().__init__()
         self.port = port or _free_port()
         self.lock = threading.RLock()
-        self.defaults = (lock_duration, max_delivery_count)
-        self._prefix_settings: dict[str, tuple[float, int]] = {}
+        self.defaults = (lock_duration, max_delivery_count, 0.0)
+        self._prefix_settings: dict[str, tuple[float, int, float]] = {}
         self.queues: dict[str, Queue] = {}
         self.locks: dict[uuid.UUID, Lock] = {}
         self._seq = itertools.count(1)
@@ -142,13 +145,26 @@ class ServiceBusPeer(Handler):
     def connection_string(self) -> str:
         return connection_string(self.port)
 
-    def configure(self, prefix: str, *, lock_duration: float, max_delivery_count: int = 10) -> None:
-        """Settings for queues whose names start with ``prefix`` (existing ones included)."""
+    def configure(
+        self, prefix: str, *, lock_duration: float, max_delivery_count: int = 10, duplicate_window: float = 0.0
+    ) -> None:
+        """Settings for queues whose names start with ``prefix`` (existing ones included).
+
+        ``duplicate_window`` > 0 turns duplicate detection on: a message sent with a message id
+        already sent within that many seconds is accepted and dropped, as Service Bus does.
+        """
         with self.lock:
-            self._prefix_settings[prefix] = (lock_duration, max_delivery_count)
+            self._prefix_settings[prefix] = (lock_duration, max_delivery_count, duplicate_window)
             for q in self.queues.values():
                 if q.name.startswith(prefix) and not q.name.endswith(DEAD_LETTER_SUFFIX):
                     q.lock_duration, q.max_delivery_count = lock_duration, max_delivery_count
+                    q.duplicate_window = duplicate_window
+
+    def duplicates_dropped(self, queue: str) -> int:
+        """Messages duplicate detection dropped from ``queue``."""
+        with self.lock:
+            q = self.queues.get(queue)
+            return q.duplicates_dropped if q else 0
 
     def bodies(self, queue: str) -> list[bytes]:
         """The body bytes of the messages ready in ``queue`` (e.g. ``q/$deadletterqueue``)."""
@@ -317,13 +333,13 @@ class ServiceBusPeer(Handler):
     def _queue(self, name: str) -> Queue:
         q = self.queues.get(name)
         if q is None:
-            lock_duration, max_count = self.defaults
+            lock_duration, max_count, window = self.defaults
             for prefix, settings in self._prefix_settings.items():
                 if name.startswith(prefix):
-                    lock_duration, max_count = settings
+                    lock_duration, max_count, window = settings
             if name.endswith(DEAD_LETTER_SUFFIX):
-                max_count = 2**31
-            q = self.queues[name] = Queue(name, lock_duration, max_count)
+                max_count, window = 2**31, 0.0
+            q = self.queues[name] = Queue(name, lock_duration, max_count, window)
         return q
 
     def _store(self, queue: Queue, message: Message, at: float | None = None) -> int:
@@ -345,8 +361,22 @@ class ServiceBusPeer(Handler):
         for part in _split_batch(raw) or [raw]:
             m = Message()
             m.decode(part)
-            self._store(queue, m, _scheduled_at(m))
+            if not self._duplicate(queue, m):
+                self._store(queue, m, _scheduled_at(m))
         self._pump(queue)
+
+    @staticmethod
+    def _duplicate(queue: Queue, message: Message) -> bool:
+        """Duplicate detection: ``message``'s id was sent to ``queue`` within its window."""
+        if queue.duplicate_window <= 0 or message.id is None:
+            return False
+        now, key = time.time(), str(message.id)
+        first = queue.seen.get(key)
+        if first is not None and now - first < queue.duplicate_window:
+            queue.duplicates_dropped += 1
+            return True
+        queue.seen[key] = now
+        return False
 
     def _pump_all(self) -> None:
         for q in list(self.queues.values()):
