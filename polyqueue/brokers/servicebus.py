@@ -43,7 +43,11 @@ kind), and published only when open; the SDK's own retries are off (``retry_tota
 SDK never reopens a handler, the adapter replaces it); calls that send transfers on a
 handler's session (publish, schedule, renew) go one at a time per handler; settlements do
 not send transfers and run concurrently (``ack_many``, up to ``MAX_CONCURRENT_SETTLES``); a
-failed handler is dropped only if it is still the current one, never a fresh replacement. A
+failed handler is dropped only if it is still the current one, never a fresh replacement,
+and closed only once no call is using it. The SDK itself still closes a handler from
+whichever call met a connection error, under the others (its retry wrapper,
+``_do_retryable_operation``): such a call is reported as that (``_shut_under``), and no call
+starts on a handler the SDK has shut down, since it would reopen it from there. A
 delivery is settled on the receiver that received it (its lock token is bound to that
 link): once that receiver is dropped its deliveries count as lock lost, and Service Bus
 redelivers them when the lock expires (Postgres ownership guards the job meanwhile).
