@@ -7,20 +7,24 @@ Effects go through ctx.session under a unique constraint, so the bar is exactly 
 from __future__ import annotations
 
 import signal
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import enqueue
+from polyqueue.brokers.base import Message, encode_message
 from polyqueue.runner import run_relay
 from tests.apps.effects import Effect
 from tests.helpers import (
     assert_exactly_once,
     create_effect_tables,
     enqueue_effects,
+    rows,
     scalar,
     spawn_worker,
     stop_processes,
@@ -88,6 +92,55 @@ async def test_sigkill_mid_job_recovers_through_lease_and_rescue(
         stop_processes(rescuer)
     await assert_exactly_once(engine, 1)
     assert await scalar(engine, "SELECT attempt FROM polyqueue_jobs") == 2
+
+
+async def test_bad_messages_are_dropped_with_a_reason_and_the_worker_keeps_serving(
+    engine: AsyncEngine, db_url: URL, redis_server: RedisServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue #7. Bad deliveries among real jobs, on the real stream a worker process reads: not
+    JSON, no id, an id that is not a UUID, an oversized body, a message naming another queue,
+    and well-formed ones for a job that does not exist and for one that already succeeded. Each
+    is dropped (acked and deleted), the malformed ones with their reason logged; no job row is
+    created or changed, and every real job runs exactly once."""
+    await create_effect_tables(engine)
+    await enqueue_effects(engine, 20)
+    worker = spawn_worker(db_url, APP, env=_redis_env(redis_server))
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await wait_all_terminal(engine, 20)
+        finished = await scalar(engine, "SELECT id FROM polyqueue_jobs LIMIT 1")
+        before = await rows(engine, "SELECT id, status, attempt, finished_at FROM polyqueue_jobs ORDER BY id")
+        bad = {
+            b"not json at all": "not JSON",
+            b'{"queue": "default"}': "without a string 'id'",
+            b'{"id": "not-a-uuid", "queue": "default"}': "is not a UUID",
+            b'{"id": "' + str(uuid.uuid4()).encode() + b'", "pad": "' + b"x" * 5000 + b'"}': "exceeds 4096",
+            b'{"id": "' + str(uuid.uuid4()).encode() + b'", "queue": "elsewhere"}': "arrived on 'default'",
+        }
+        good_but_pointless = [
+            encode_message(Message(uuid.uuid4(), "default")),  # no such job
+            encode_message(Message(finished, "default")),  # its job already succeeded
+        ]
+        for body in [*bad, *good_but_pointless]:
+            await raw.xadd("polyqueue:default", {"body": body})
+        await enqueue_effects(engine, 20)  # the worker must still serve these
+
+        async def stream_drained() -> bool:
+            return bool(await raw.xlen("polyqueue:default") == 0)
+
+        await wait_all_terminal(engine, 40)
+        await wait_until(stream_drained, what="every bad delivery acked and deleted")
+    finally:
+        stop_processes(worker)
+        await raw.aclose()
+    assert worker.returncode == 0
+    await assert_exactly_once(engine, 40)
+    after = await rows(engine, "SELECT id, status, attempt, finished_at FROM polyqueue_jobs ORDER BY id")
+    assert [r for r in after if r[0] in {b[0] for b in before}] == before  # untouched, none re-run
+    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs") == 40  # no row made from a message
+    log = capfd.readouterr().err
+    for reason in bad.values():
+        assert any("dropping malformed message" in line and reason in line for line in log.splitlines()), reason
 
 
 async def test_jobs_committed_while_redis_is_down_all_run_once_it_is_back(
