@@ -223,6 +223,34 @@ async def test_concurrent_publish_receive_renew_settle_survive_a_peer_restart(pe
     assert misuse == []
 
 
+async def test_a_receiver_dropped_under_a_running_receive_is_closed_only_after_it(peer: ServiceBusPeer) -> None:
+    """Issue #5 (CI of stop 11: ``'NoneType' object has no attribute 'flow'`` in a receive after
+    a peer restart). When another call's connection error drops the receiver, a receive running
+    on it keeps its handler: the close waits for the last call to leave. The race itself (a
+    close landing between the receive's start and its credit flow) is too narrow to hit on
+    demand; this checks the mechanism that keeps the adapter's own closes out of it."""
+    peer.start()
+    queue = f"drop-{uuid.uuid4().hex[:8]}"
+    broker = ServiceBusBroker(peer.connection_string)
+    try:
+        receiving = asyncio.create_task(broker.receive([queue], 10, 1.0))
+
+        async def waiting() -> bool:
+            link = broker._receivers.get(queue)
+            return link is not None and link.users == 1
+
+        await wait_until(waiting, timeout=10, what="the receive to wait on its link")
+        link = broker._receivers[queue]
+        await broker._drop(link)  # what a settlement's connection error on this receiver does
+        assert not link.closed and queue not in broker._receivers
+        assert await receiving == []  # not an error: nothing was published
+        assert link.closed
+        await broker.publish([Message(uuid.uuid4(), queue)])
+        assert len(await broker.receive([queue], 10, 2.0)) == 1  # on a new receiver
+    finally:
+        await broker.close()
+
+
 class Crash(Exception):
     """The relay process dies between its publish and its mark."""
 
