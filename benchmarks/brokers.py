@@ -17,10 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from tests.chaos.brokers import start_peer
-from tests.moto_service import MotoServer
 from tests.redis_service import RedisServer, configured_url, free_port, redis_server_exe
-from tests.servicebus_peer.peer import connection_string
 
 __all__ = ["PEER_LOCK_SECONDS", "local_broker"]
 
@@ -46,6 +43,8 @@ async def local_broker(backend: str, tmp: Path) -> AsyncIterator[tuple[str | Non
         finally:
             await redis.stop()
     elif backend == "sqs":
+        from tests.moto_service import MotoServer  # imported here: moto is a dev extra
+
         moto = MotoServer()
         await moto.start()
         try:
@@ -53,6 +52,9 @@ async def local_broker(backend: str, tmp: Path) -> AsyncIterator[tuple[str | Non
         finally:
             await moto.stop()
     elif backend == "azure_service_bus":
+        from tests.chaos.brokers import start_peer  # imported here: the peer needs qpid-proton
+        from tests.servicebus_peer.peer import connection_string
+
         port = free_port()
         peer = start_peer(port, PEER_LOCK_SECONDS, tmp)
         try:
