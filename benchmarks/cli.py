@@ -96,7 +96,7 @@ async def _main(args: argparse.Namespace) -> list[Result]:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pqbench-")))
             args.broker_url, args.broker = await stack.enter_async_context(local_broker(args.backend, tmp))
         else:
-            args.broker = "--broker-url"
+            args.broker = "the one --broker-url names"
         return await _run(args)
 
 
