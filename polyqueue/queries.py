@@ -28,6 +28,7 @@ __all__ = [
     "job_claim_by_ids",
     "job_claim_pending",
     "job_complete_many",
+    "job_count_enqueued",
     "job_count_live",
     "job_hand_back",
     "job_held",
@@ -365,8 +366,16 @@ class Dispatchable(NamedTuple):
     dispatch_key: str  # JOB_ID/ATTEMPT/XMIN: see Message.dispatch_key
 
 
-async def job_take_for_dispatch(conn: Executor, limit: int) -> list[Dispatchable]:
-    """Lock up to ``limit`` due pending jobs for the relay (call inside a transaction).
+async def job_count_enqueued(conn: Executor) -> dict[str, int]:
+    """Jobs ``enqueued`` (published, not yet claimed) per queue."""
+    rows = await conn.execute(
+        text("SELECT queue, count(*) FROM polyqueue_jobs WHERE status = 'enqueued' GROUP BY queue")
+    )
+    return {row[0]: int(row[1]) for row in rows}
+
+
+async def job_take_for_dispatch(conn: Executor, limit: int, *, skip_queues: Sequence[str] = ()) -> list[Dispatchable]:
+    """Lock up to ``limit`` due pending jobs for the relay (call inside a transaction), none of ``skip_queues``.
 
     The dispatch key ends with the row version's ``xmin``, the transaction that last changed
     the job: a relay whose batch rolled back takes the same version again (same key), while a
@@ -375,10 +384,10 @@ async def job_take_for_dispatch(conn: Executor, limit: int) -> list[Dispatchable
     rows = await conn.execute(
         text(
             "SELECT id, queue, id::text || '/' || attempt || '/' || xmin::text FROM polyqueue_jobs "
-            "WHERE status = 'pending' AND run_at <= now() "
+            "WHERE status = 'pending' AND run_at <= now() AND queue <> ALL(CAST(:skip AS text[])) "
             "ORDER BY priority, run_at LIMIT :limit FOR UPDATE SKIP LOCKED"
         ),
-        {"limit": limit},
+        {"limit": limit, "skip": list(skip_queues)},
     )
     return [Dispatchable(row[0], row[1], row[2]) for row in rows]
 

@@ -6,6 +6,12 @@ fails the transaction rolls back and the jobs stay ``pending``. If the commit fa
 after a publish, the next pass publishes again and the worker's claim drops the
 duplicate — except for a broker with ``capabilities.transactional_publish`` (PGMQ in
 the jobs' database), whose publish joins this transaction and rolls back with it.
+
+Flow control: a queue with ``relay_max_enqueued`` jobs enqueued (published, not yet
+claimed) gets no more until workers take some; the rest wait ``pending`` in Postgres, in
+priority order. Without it a backlog sat in the broker, and every job of it still waiting
+after ``redispatch_after`` was re-dispatched as if its delivery were lost: a copy of the
+whole backlog per period, which workers then had to claim and drop.
 """
 
 from __future__ import annotations
@@ -16,14 +22,20 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from polyqueue._aio import wait_any, wait_any_future
 from polyqueue.brokers.base import Broker, Message, TransactionalPublisher
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.metrics import GuardedMetrics
-from polyqueue.queries import NEW_JOB_CHANNEL, job_mark_enqueued, job_take_for_dispatch
+from polyqueue.queries import (
+    NEW_JOB_CHANNEL,
+    Dispatchable,
+    job_count_enqueued,
+    job_mark_enqueued,
+    job_take_for_dispatch,
+)
 from polyqueue.settings import Settings
 
 __all__ = ["Relay", "ensure_queues"]
@@ -32,6 +44,8 @@ log = logging.getLogger("polyqueue.relay")
 
 #: Seconds a batch still publishing when the relay is told to stop gets to finish.
 STOP_GRACE = 5.0
+#: How often a relay holding jobs back (``relay_max_enqueued``) looks for room again.
+HELD_BACK_POLL = 0.1
 
 
 async def ensure_queues(broker: Broker, queues: Sequence[str], stopping: asyncio.Event) -> None:
@@ -64,7 +78,11 @@ class Relay:
         self.broker = broker
         self.listener = listener
         self.batch_size = settings.relay_batch_size
+        self.max_enqueued = settings.relay_max_enqueued
         self.poll_interval = settings.poll_interval
+        #: The last batch stopped at ``max_enqueued`` for some queue: look again soon, as
+        #: claims (which send no NOTIFY the relay hears) make room.
+        self.held_back = False
         self._wakeup = asyncio.Event()
         self.published = 0
 
@@ -74,7 +92,7 @@ class Relay:
     async def run_once(self) -> int:
         """Publish one batch of due pending jobs; returns how many were published."""
         async with self.engine.begin() as conn:
-            rows = await job_take_for_dispatch(conn, self.batch_size)
+            rows = await self._take(conn)
             if not rows:
                 return 0
             messages = [Message(r.id, r.queue, r.dispatch_key) for r in rows]
@@ -87,6 +105,22 @@ class Relay:
         for queue, count in collections.Counter(r.queue for r in rows).items():
             self.metrics.job_dispatched(queue, count)
         return len(rows)
+
+    async def _take(self, conn: AsyncConnection) -> list[Dispatchable]:
+        """A batch of due pending jobs, none beyond a queue's room under ``max_enqueued``."""
+        if not self.max_enqueued:
+            return await job_take_for_dispatch(conn, self.batch_size)
+        room = {q: self.max_enqueued - n for q, n in (await job_count_enqueued(conn)).items()}
+        full = [q for q, free in room.items() if free <= 0]
+        rows = await job_take_for_dispatch(conn, self.batch_size, skip_queues=full)
+        taken: list[Dispatchable] = []
+        for r in rows:
+            free = room.get(r.queue, self.max_enqueued)
+            if free > 0:
+                taken.append(r)  # the rest stay pending: their locks go with this transaction
+            room[r.queue] = free - 1
+        self.held_back = bool(full) or len(taken) < len(rows)
+        return taken
 
     async def _once_unless_stopped(self, stopping: asyncio.Event) -> int:
         """``run_once``, but a stop request gives a batch in flight ``STOP_GRACE`` seconds, then
@@ -132,7 +166,8 @@ class Relay:
                     continue
                 if count >= self.batch_size:
                     continue  # more may be waiting
-                await wait_any(stopping, self._wakeup, seconds=self.poll_interval)
+                wait = min(self.poll_interval, HELD_BACK_POLL) if self.held_back else self.poll_interval
+                await wait_any(stopping, self._wakeup, seconds=wait)
         finally:
             if self.listener is not None:
                 self.listener.unsubscribe(NEW_JOB_CHANNEL, self._on_notify)

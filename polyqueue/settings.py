@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         description="Enqueued jobs unclaimed this long go back to pending (lost delivery).",
     )
     relay_batch_size: int = Field(default=500, ge=1, description="Jobs the relay publishes per batch.")
+    relay_max_enqueued: int = Field(
+        default=10_000,
+        ge=0,
+        description="Most jobs of one queue the relay keeps enqueued (in the broker, unclaimed); the rest wait "
+        "pending in Postgres, in priority order. Keep it well under what workers take in redispatch_after. "
+        "0: no limit.",
+    )
     max_payload_bytes: int = Field(
         default=1_000_000, ge=1, description="Largest payload (JSON bytes) enqueue accepts; larger is refused."
     )

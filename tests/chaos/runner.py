@@ -60,6 +60,9 @@ SETTINGS = {
     "POLYQUEUE_MAINTENANCE_INTERVAL": "0.3",
     "POLYQUEUE_TIMEOUT_GRACE": "0.5",
     "POLYQUEUE_REDISPATCH_AFTER": "3",
+    # Well under what the workers take in 3 s on the slowest broker (the Service Bus peer, ~200/s):
+    # a longer backlog in the broker would be re-dispatched as lost, again and again.
+    "POLYQUEUE_RELAY_MAX_ENQUEUED": "300",
     "POLYQUEUE_LEASE_SECONDS": str(LEASE),
     "POLYQUEUE_SHUTDOWN_GRACE": "5",
     "POLYQUEUE_CONCURRENCY": "16",
