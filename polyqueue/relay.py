@@ -20,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -45,7 +46,9 @@ log = logging.getLogger("polyqueue.relay")
 #: Seconds a batch still publishing when the relay is told to stop gets to finish.
 STOP_GRACE = 5.0
 #: How often a relay holding jobs back (``relay_max_enqueued``) looks for room again.
-HELD_BACK_POLL = 0.1
+HELD_BACK_POLL = 0.25
+#: Longest a relay goes on its own estimate of the room under ``relay_max_enqueued`` (see ``Relay._room``).
+RECOUNT_AFTER = 1.0
 
 
 async def ensure_queues(broker: Broker, queues: Sequence[str], stopping: asyncio.Event) -> None:
@@ -83,6 +86,8 @@ class Relay:
         #: The last batch stopped at ``max_enqueued`` for some queue: look again soon, as
         #: claims (which send no NOTIFY the relay hears) make room.
         self.held_back = False
+        self._room_estimate: dict[str, int] | None = None  # see _room
+        self._counted_at = 0.0
         self._wakeup = asyncio.Event()
         self.published = 0
 
@@ -110,7 +115,8 @@ class Relay:
         """A batch of due pending jobs, none beyond a queue's room under ``max_enqueued``."""
         if not self.max_enqueued:
             return await job_take_for_dispatch(conn, self.batch_size)
-        room = {q: self.max_enqueued - n for q, n in (await job_count_enqueued(conn)).items()}
+        estimate = await self._room(conn)
+        room = dict(estimate)
         full = [q for q, free in room.items() if free <= 0]
         rows = await job_take_for_dispatch(conn, self.batch_size, skip_queues=full)
         taken: list[Dispatchable] = []
@@ -120,7 +126,28 @@ class Relay:
                 taken.append(r)  # the rest stay pending: their locks go with this transaction
             room[r.queue] = free - 1
         self.held_back = bool(full) or len(taken) < len(rows)
+        for r in taken:  # if this batch rolls back, the estimate just under-states room until the next count
+            estimate[r.queue] = estimate.get(r.queue, self.max_enqueued) - 1
         return taken
+
+    async def _room(self, conn: AsyncConnection) -> dict[str, int]:
+        """Room per queue under ``max_enqueued`` (the live estimate): counted, or from the last count.
+
+        The estimate is the last count plus this relay's own publishes since; claims since only
+        make more room, so it under-states room, never over-states it (other relays aside: it is
+        recounted after ``RECOUNT_AFTER`` seconds, and whenever a queue looks nearly full).
+        """
+        now = time.monotonic()
+        estimate = self._room_estimate
+        if (
+            estimate is None
+            or now - self._counted_at > RECOUNT_AFTER
+            or min(estimate.values(), default=self.max_enqueued) < self.batch_size
+        ):
+            counts = await job_count_enqueued(conn)
+            estimate = self._room_estimate = {q: self.max_enqueued - n for q, n in counts.items()}
+            self._counted_at = now
+        return estimate
 
     async def _once_unless_stopped(self, stopping: asyncio.Event) -> int:
         """``run_once``, but a stop request gives a batch in flight ``STOP_GRACE`` seconds, then
