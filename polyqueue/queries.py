@@ -25,6 +25,7 @@ __all__ = [
     "ClaimedJob",
     "Dispatchable",
     "Outcome",
+    "job_any_due",
     "job_claim_by_ids",
     "job_claim_pending",
     "job_complete_many",
@@ -364,6 +365,18 @@ class Dispatchable(NamedTuple):
     id: uuid.UUID
     queue: str
     dispatch_key: str  # JOB_ID/ATTEMPT/XMIN: see Message.dispatch_key
+
+
+async def job_any_due(conn: Executor, queues: Sequence[str]) -> bool:
+    """Whether a job of ``queues`` is due and not yet claimed: ``pending`` past its ``run_at``, or ``enqueued``."""
+    found = await conn.scalar(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM polyqueue_jobs WHERE queue = ANY(CAST(:queues AS text[])) "
+            "AND (status = 'enqueued' OR (status = 'pending' AND run_at <= now())))"
+        ),
+        {"queues": list(queues)},
+    )
+    return bool(found)
 
 
 async def job_count_enqueued(conn: Executor) -> dict[str, int]:

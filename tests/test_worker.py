@@ -324,6 +324,32 @@ async def test_memory_mode_runs_jobs_and_stores_results(engine: AsyncEngine) -> 
     assert await scalar(engine, "SELECT dispatched_at IS NOT NULL FROM polyqueue_jobs") is True
 
 
+class Count(BaseModel):
+    n: int
+
+
+async def test_a_burst_worker_with_a_broker_drains_what_the_relay_has_still_to_publish(engine: AsyncEngine) -> None:
+    """``run_worker(..., burst=True)`` with a broker found the broker empty on its first receive and
+    stopped before its relay had published anything: in memory mode it ran none of 50 jobs. It
+    now stops only once Postgres has no due job of its queues left; the relay bound (10 here)
+    makes the relay publish in rounds, so the worker meets an empty broker several times."""
+    from polyqueue import enqueue_many
+    from polyqueue.worker.runtime import Worker
+
+    small = make_app(relay_max_enqueued=10)
+
+    @small.register(name="burst_count")
+    async def burst_count(payload: Count) -> int:
+        return payload.n
+
+    async with AsyncSession(engine) as s, s.begin():
+        await enqueue_many(s, [Count(n=i) for i in range(40)], task="burst_count")
+    worker = Worker(small, engine, broker=MemoryBroker())
+    await asyncio.wait_for(worker.run(burst=True), 30)
+    assert worker.processed == 40
+    assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == 40
+
+
 async def test_two_workers_race_on_500_jobs_each_runs_exactly_once(engine: AsyncEngine, db_url: object) -> None:
     from polyqueue.db import make_engine
 

@@ -30,6 +30,7 @@ from polyqueue.queries import (
     CANCEL_CHANNEL,
     ClaimedJob,
     Outcome,
+    job_any_due,
     job_complete_many,
     job_hand_back,
     job_held,
@@ -47,6 +48,9 @@ from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSourc
 __all__ = ["Worker"]
 
 log = logging.getLogger("polyqueue.worker")
+
+#: How often a burst worker with a broker looks again while due jobs are still to be delivered.
+BURST_RECHECK = 0.05
 job_log = logging.getLogger("polyqueue.job")
 
 
@@ -235,11 +239,26 @@ class Worker:
                 task.add_done_callback(self._job_finished)
             if not claims:
                 if burst and not self._running:
-                    return
+                    if not await self._due_elsewhere():
+                        return
+                    await wait_any(self._stopping, seconds=BURST_RECHECK)
+                    continue
                 if self._running:
                     # Nothing due now: wait for a running job to finish, or poll again.
                     self._slot_freed.clear()
                     await wait_any(self._slot_freed, self._stopping, seconds=self.settings.poll_interval)
+
+    async def _due_elsewhere(self) -> bool:
+        """With a broker, whether jobs of these queues are due but not delivered yet (the relay has
+        still to publish them, or their deliveries are on the way): a burst worker waits for them."""
+        if self.broker is None:
+            return False  # direct mode: the claim that found nothing looked at the table itself
+        try:
+            async with self.engine.connect() as conn:
+                return await job_any_due(conn, self.queues)
+        except Exception as exc:
+            log.warning("checking for due jobs failed: %s; retrying", exc)
+            return True
 
     def _on_cancel(self, payload: str) -> None:
         """An operator cancelled running jobs (``admin cancel``): cancel the ones running here."""
