@@ -92,6 +92,27 @@ async def _queue_exists(moto: MotoServer, name: str) -> bool:
     return bool(listed.get("QueueUrls"))
 
 
+async def test_fifo_drops_a_dispatch_key_sent_again_but_delivers_a_new_one(moto: MotoServer, prefix: str) -> None:
+    """FIFO deduplication by the relay's dispatch key: a re-publish of the same dispatch (a relay
+    whose commit failed) is dropped, a re-dispatch of the same job and attempt is delivered."""
+    broker = SqsBroker(moto.service.broker_url(prefix=prefix, fifo="true"), lease_seconds=5)
+    job = uuid.uuid4()
+    try:
+        await broker.publish([Message(job, "default", f"{job}/0/100")])
+        await broker.publish([Message(job, "default", f"{job}/0/100")])  # the same dispatch again
+        await broker.publish([Message(job, "default", f"{job}/0/107")])  # re-dispatched: a new row version
+        seen = 0
+        for _ in range(4):  # one job is one message group: the next copy comes once this one is acked
+            got = await broker.receive(["default"], 10, 1.0)
+            for d in got:
+                assert d.job_id == job
+                await broker.ack(d)
+            seen += len(got)
+        assert seen == 2
+    finally:
+        await broker.close()
+
+
 @pytest.mark.parametrize("fifo", [False, True], ids=["standard", "fifo"])
 async def test_two_racing_workers_run_each_job_exactly_once(
     engine: AsyncEngine, db_url: URL, moto: MotoServer, prefix: str, fifo: bool

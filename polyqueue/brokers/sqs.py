@@ -308,7 +308,9 @@ class SqsBroker:
             entry = {"Id": str(i), "MessageBody": encode_message(m).decode()}
             if self.options.fifo:
                 entry["MessageGroupId"] = str(m.job_id) if self.options.group_by == "job" else m.queue
-                entry["MessageDeduplicationId"] = f"{m.job_id.hex}-{token}"
+                # The relay's dispatch key: SQS drops a re-publish of a batch whose commit failed, never
+                # a retry or a re-dispatch. Without one, this call's token (its SDK retries reuse it).
+                entry["MessageDeduplicationId"] = m.dispatch_key or f"{m.job_id.hex}-{token}"
             entries.append(entry)
 
         async def send(sqs: Any, url: str) -> Any:
