@@ -8,7 +8,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,28 @@ def stop_processes(*procs: subprocess.Popen[bytes]) -> None:
             time.sleep(1)
             p.kill()
             p.wait()
+
+
+class Crash(Exception):
+    """A process dying between two statements of a transaction."""
+
+
+@contextlib.contextmanager
+def relay_dies_before_its_mark() -> Iterator[None]:
+    """Within the block a relay's ``run_once`` publishes, then raises :class:`Crash` instead of
+    marking its jobs ``enqueued``: its transaction rolls back, as when the process dies there."""
+    import polyqueue.relay
+
+    real = polyqueue.relay.job_mark_enqueued
+
+    async def crash(*_args: object, **_kwargs: object) -> None:
+        raise Crash
+
+    polyqueue.relay.job_mark_enqueued = crash  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        polyqueue.relay.job_mark_enqueued = real
 
 
 async def assert_exactly_once(engine: AsyncEngine, count: int) -> None:

@@ -31,8 +31,10 @@ from tests import services
 from tests.apps.effects import EFFECTS_DDL, Effect
 from tests.brokers.harness_pgmq import pgmq_database, set_connectable
 from tests.helpers import (
+    Crash,
     assert_exactly_once,
     enqueue_effects,
+    relay_dies_before_its_mark,
     scalar,
     spawn_worker,
     stop_processes,
@@ -43,10 +45,6 @@ from tests.services import url_str
 
 APP = "tests.apps.effects:app"
 QUEUE_TABLE = "pgmq.q_polyqueue_default"
-
-
-class Crash(Exception):
-    """A process dying between two statements of a transaction."""
 
 
 @pytest.fixture
@@ -213,25 +211,16 @@ async def test_publish_in_commits_and_rolls_back_with_the_callers_transaction(
     "transactional_publish" not in Capabilities.__dataclass_fields__,
     reason="the relay does not publish inside its transaction yet (Capabilities.transactional_publish)",
 )
-async def test_relay_crash_between_publish_and_mark_leaves_no_message(
-    pgmq_engine: AsyncEngine, db_url: URL, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import polyqueue.relay
-
+async def test_relay_crash_between_publish_and_mark_leaves_no_message(pgmq_engine: AsyncEngine, db_url: URL) -> None:
     app = Polyqueue(database_url=url_str(db_url), queue_backend="pgmq")
     broker = create(BrokerConfig(None, 2.0, url_str(db_url)))
     try:
         await broker.ensure(["default"])
         await enqueue_effects(pgmq_engine, 5)
 
-        async def crash(*_args: object, **_kwargs: object) -> None:
-            raise Crash
-
-        monkeypatch.setattr(polyqueue.relay, "job_mark_enqueued", crash)
-        with pytest.raises(Crash):
+        with relay_dies_before_its_mark(), pytest.raises(Crash):
             await Relay(pgmq_engine, broker, None, app.settings).run_once()
         assert await _queued(pgmq_engine) == 0
-        monkeypatch.undo()
         assert await Relay(pgmq_engine, broker, None, app.settings).run_once() == 5
         assert await _queued(pgmq_engine) == 5
     finally:

@@ -29,9 +29,11 @@ from polyqueue.queries import job_redispatch_stale
 from polyqueue.relay import Relay
 from tests.apps.effects import Effect
 from tests.helpers import (
+    Crash,
     assert_exactly_once,
     create_effect_tables,
     enqueue_effects,
+    relay_dies_before_its_mark,
     scalar,
     spawn_worker,
     stop_processes,
@@ -251,19 +253,13 @@ async def test_a_receiver_dropped_under_a_running_receive_is_closed_only_after_i
         await broker.close()
 
 
-class Crash(Exception):
-    """The relay process dies between its publish and its mark."""
-
-
 async def test_duplicate_detection_drops_a_relays_republish_never_a_redispatch(
-    engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer, monkeypatch: pytest.MonkeyPatch
+    engine: AsyncEngine, db_url: URL, peer: ServiceBusPeer
 ) -> None:
     """Issue #5. With duplicate detection on the queue, a relay that published a batch and died
     before its mark committed publishes the same dispatches again, and Service Bus drops them. A
     job re-dispatched after a lost delivery is a new dispatch (its row changed): published anew.
     """
-    import polyqueue.relay
-
     peer.start()
     prefix = f"dedup-{uuid.uuid4().hex[:8]}-"
     peer.configure(prefix, lock_duration=30.0, duplicate_window=600.0)
@@ -273,14 +269,8 @@ async def test_duplicate_detection_drops_a_relays_republish_never_a_redispatch(
     await create_effect_tables(engine)
     await enqueue_effects(engine, 5)
     try:
-
-        async def crash(*_args: object, **_kwargs: object) -> None:
-            raise Crash
-
-        monkeypatch.setattr(polyqueue.relay, "job_mark_enqueued", crash)
-        with pytest.raises(Crash):
+        with relay_dies_before_its_mark(), pytest.raises(Crash):
             await Relay(engine, broker, None, app.settings).run_once()
-        monkeypatch.undo()
         assert peer.outstanding(entity) == 5  # published; the mark rolled back, so the jobs are still pending
         assert await Relay(engine, broker, None, app.settings).run_once() == 5  # the same dispatches again
         assert (peer.outstanding(entity), peer.duplicates_dropped(entity)) == (5, 5)
