@@ -115,19 +115,16 @@ class Relay:
         """A batch of due pending jobs, none beyond a queue's room under ``max_enqueued``."""
         if not self.max_enqueued:
             return await job_take_for_dispatch(conn, self.batch_size)
-        estimate = await self._room(conn)
-        room = dict(estimate)
+        room = await self._room(conn)
         full = [q for q, free in room.items() if free <= 0]
         rows = await job_take_for_dispatch(conn, self.batch_size, skip_queues=full)
         taken: list[Dispatchable] = []
-        for r in rows:
+        for r in rows:  # the rows not taken stay pending: their locks go with this transaction
             free = room.get(r.queue, self.max_enqueued)
             if free > 0:
-                taken.append(r)  # the rest stay pending: their locks go with this transaction
-            room[r.queue] = free - 1
+                taken.append(r)
+                room[r.queue] = free - 1  # a batch that rolls back leaves room under-stated until the next count
         self.held_back = bool(full) or len(taken) < len(rows)
-        for r in taken:  # if this batch rolls back, the estimate just under-states room until the next count
-            estimate[r.queue] = estimate.get(r.queue, self.max_enqueued) - 1
         return taken
 
     async def _room(self, conn: AsyncConnection) -> dict[str, int]:
