@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.engine import URL, make_url
@@ -43,9 +43,24 @@ def asyncpg_url(url: str | URL) -> URL:
     return parsed.set(drivername="postgresql+asyncpg")
 
 
-def make_engine(url: str | URL, *, pool_size: int = 10, **kwargs: object) -> AsyncEngine:
-    """An ``AsyncEngine`` on asyncpg for ``url``."""
-    return create_async_engine(asyncpg_url(url), pool_size=pool_size, pool_pre_ping=True, **kwargs)
+def make_engine(
+    url: str | URL, *, pool_size: int = 10, transaction_pooling: bool = False, **kwargs: Any
+) -> AsyncEngine:
+    """An ``AsyncEngine`` on asyncpg for ``url``.
+
+    Bound parameters never reach logs or error messages (``hide_parameters``): they hold
+    payloads, results and error texts. With ``transaction_pooling`` (pgbouncer in transaction
+    mode) no statement is prepared on a server connection: the next transaction may run on
+    another one, where the name is unknown or already taken.
+    """
+    parsed = asyncpg_url(url)
+    if transaction_pooling:
+        parsed = parsed.update_query_dict({"prepared_statement_cache_size": "0"})
+        connect_args = dict(kwargs.pop("connect_args", None) or {})
+        connect_args.setdefault("statement_cache_size", 0)
+        kwargs["connect_args"] = connect_args
+    kwargs.setdefault("hide_parameters", True)
+    return create_async_engine(parsed, pool_size=pool_size, pool_pre_ping=True, **kwargs)
 
 
 def mask_url(url: str | URL) -> str:

@@ -78,6 +78,29 @@ class Settings(BaseSettings):
         default=1_000_000, ge=1, description="Largest result (JSON bytes) stored; larger fails the job."
     )
     lease_seconds: float = Field(default=30.0, gt=0, description="Broker lease (visibility) of a delivery.")
+    pool_mode: Literal["session", "transaction"] = Field(
+        default="session",
+        description="How connections to database_url are pooled: 'session' (Postgres itself, or a pooler in "
+        "session mode) or 'transaction' (pgbouncer in transaction mode: no prepared statements, no session "
+        "state, no LISTEN through it; see listen_database_url).",
+    )
+    listen_database_url: str | None = Field(
+        default=None,
+        description="A direct Postgres URL (not through a transaction pooler) for LISTEN. With "
+        "pool_mode='transaction' and none set, workers and relays poll every poll_interval.",
+    )
+    unknown_task_grace: float = Field(
+        default=900.0,
+        ge=0,
+        description="Seconds a job whose task no worker that claimed it knows is handed back (a rolling "
+        "deploy) before it fails naming the task and the workers that lacked it.",
+    )
+    blocked_loop_threshold: float = Field(
+        default=1.0,
+        gt=0,
+        description="A worker's event loop blocked longer than this (a handler calling blocking code) is "
+        "logged with the jobs that were running, and counted in the metrics.",
+    )
     startup_wait: float = Field(
         default=30.0,
         ge=0,
