@@ -22,8 +22,9 @@ __all__ = ["HeldConnection"]
 class HeldConnection:
     """An autocommit connection owned by one sequential loop (never shared between tasks)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, transaction_pooling: bool = False) -> None:
         self._engine = engine
+        self._transaction_pooling = transaction_pooling
         self._conn: AsyncConnection | None = None
 
     @contextlib.asynccontextmanager

@@ -30,7 +30,9 @@ _KEY_VALUE = re.compile(
     re.IGNORECASE,
 )
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL/ST), other ESC sequences and C0/C1 controls except \t and \n
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
 
 
 def mask_secrets(text: str) -> str:

@@ -25,8 +25,20 @@ Callback = Callable[[str], None]
 class Listener:
     """Subscribe callbacks to Postgres channels over one dedicated connection."""
 
-    def __init__(self, engine: AsyncEngine, *, reconnect_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        reconnect_interval: float = 1.0,
+        direct_url: str | None = None,
+        transaction_pooling: bool = False,
+    ) -> None:
+        """``direct_url``: a Postgres URL to LISTEN on instead of ``engine``'s (which may go through a
+        transaction pooler); with ``transaction_pooling`` and no ``direct_url``, nothing is listened to
+        and every subscriber relies on its polling."""
         self._engine = engine
+        self._direct_url = direct_url
+        self._transaction_pooling = transaction_pooling
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
         self._conn: AsyncConnection | None = None
         self._raw: Any = None

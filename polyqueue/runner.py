@@ -15,6 +15,7 @@ from polyqueue.listener import Listener
 from polyqueue.metrics import GuardedMetrics
 from polyqueue.registry import Polyqueue
 from polyqueue.relay import Relay, ensure_queues
+from polyqueue.settings import secret_value
 from polyqueue.worker.runtime import Worker
 
 __all__ = ["main", "run_relay", "run_worker"]
@@ -143,7 +144,9 @@ async def run_relay(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-    listener = Listener(engine)
+    listener = Listener(
+        engine, direct_url=secret_value(s.listen_database_url), transaction_pooling=s.pool_mode == "transaction"
+    )
     relay = Relay(engine, broker, listener, s, GuardedMetrics(metrics) if metrics is not None else app.metrics)
     ensuring = asyncio.create_task(ensure_queues(broker, s.queues, stopping), name="polyqueue-ensure")
     try:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["QueueBackend", "Settings"]
+__all__ = ["QueueBackend", "Settings", "secret_value"]
 
 #: ``postgres``: workers claim straight from the table (default, no broker).
 #: ``none``/``memory``: in-process asyncio queue, relay and worker in one process.
 QueueBackend = Literal["postgres", "none", "memory", "redis", "sqs", "azure_service_bus", "pgmq"]
+
+
+def secret_value(value: SecretStr | str | None) -> str | None:
+    """The plain text of a credential-bearing setting (a ``SecretStr``), or None."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
 
 class Settings(BaseSettings):

@@ -26,8 +26,10 @@ AfterWrite = Callable[[Outcome, bool], Awaitable[None] | None]
 class Completer:
     """Buffers outcomes and writes them in batches on an autocommit connection."""
 
-    def __init__(self, engine: AsyncEngine, *, flush_interval: float, batch_size: int) -> None:
-        self._conn = HeldConnection(engine)
+    def __init__(
+        self, engine: AsyncEngine, *, flush_interval: float, batch_size: int, transaction_pooling: bool = False
+    ) -> None:
+        self._conn = HeldConnection(engine, transaction_pooling=transaction_pooling)
         self._flush_interval = flush_interval
         self._batch_size = batch_size
         self._buffer: list[tuple[Outcome, AfterWrite | None]] = []

@@ -41,6 +41,7 @@ from polyqueue.queries import (
 )
 from polyqueue.registry import Polyqueue
 from polyqueue.relay import Relay, ensure_queues
+from polyqueue.settings import secret_value
 from polyqueue.worker.completer import Completer
 from polyqueue.worker.executor import execute, retry_or_fail
 from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSource
@@ -101,16 +102,20 @@ class Worker:
         self.settings = s
         self.worker_id = uuid.uuid4()
         self.metrics = GuardedMetrics(metrics) if metrics is not None else app.metrics
-        self.listener = Listener(engine)
+        pooled = s.pool_mode == "transaction"
+        self.listener = Listener(engine, direct_url=secret_value(s.listen_database_url), transaction_pooling=pooled)
         self.listener.subscribe(CANCEL_CHANNEL, self._on_cancel)
         self._cancel_requested: set[uuid.UUID] = set()
         self.source: JobSource = (
-            DirectSource(engine, self.listener, self.queues, s.poll_interval)
+            DirectSource(engine, self.listener, self.queues, s.poll_interval, transaction_pooling=pooled)
             if broker is None
-            else BrokerSource(engine, broker, self.queues, s.lease_seconds)
+            else BrokerSource(engine, broker, self.queues, s.lease_seconds, transaction_pooling=pooled)
         )
         self.completer = Completer(
-            engine, flush_interval=s.completion_flush_interval, batch_size=s.completion_batch_size
+            engine,
+            flush_interval=s.completion_flush_interval,
+            batch_size=s.completion_batch_size,
+            transaction_pooling=pooled,
         )
         self.relay = Relay(engine, broker, self.listener, s, self.metrics) if broker is not None and run_relay else None
         self.maintenance = Maintenance(engine, s, self.metrics, app) if run_maintenance else None

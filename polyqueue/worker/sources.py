@@ -52,8 +52,16 @@ class JobSource(Protocol):
 class DirectSource:
     """Claims straight from ``polyqueue_jobs`` (``queue_backend="postgres"``)."""
 
-    def __init__(self, engine: AsyncEngine, listener: Listener, queues: Sequence[str], poll_interval: float) -> None:
-        self._conn = HeldConnection(engine)
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        listener: Listener,
+        queues: Sequence[str],
+        poll_interval: float,
+        *,
+        transaction_pooling: bool = False,
+    ) -> None:
+        self._conn = HeldConnection(engine, transaction_pooling=transaction_pooling)
         self._queues = list(queues)
         self._poll = poll_interval
         self._wakeup = asyncio.Event()
@@ -92,8 +100,16 @@ class DirectSource:
 class BrokerSource:
     """Receives deliveries from a broker and claims their jobs in Postgres."""
 
-    def __init__(self, engine: AsyncEngine, broker: Broker, queues: Sequence[str], lease_seconds: float) -> None:
-        self._conn = HeldConnection(engine)
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        broker: Broker,
+        queues: Sequence[str],
+        lease_seconds: float,
+        *,
+        transaction_pooling: bool = False,
+    ) -> None:
+        self._conn = HeldConnection(engine, transaction_pooling=transaction_pooling)
         self._broker = broker
         self._queues = list(queues)
         self._lease = lease_seconds
