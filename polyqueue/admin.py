@@ -23,13 +23,11 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from polyqueue.queries import CANCEL_CHANNEL, DONE_CHANNEL, NEW_JOB_CHANNEL
+from polyqueue.queries import CANCEL_CHANNEL, DONE_CHANNEL, NEW_JOB_CHANNEL, NOTIFY_IDS_PER_PAYLOAD
 from polyqueue.types import LIVE_STATUSES, JobStatus
 
 __all__ = ["JobChange", "cancel", "fail", "prune", "requeue"]
 
-#: Ids per NOTIFY payload: 200 x 37 characters stays well below Postgres's 8,000-byte limit.
-_NOTIFY_CHUNK = 200
 
 _LIVE = tuple(s.value for s in LIVE_STATUSES)
 _REQUEUEABLE = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
@@ -89,8 +87,8 @@ def _where(
 
 
 async def _notify(conn: AsyncConnection, channel: str, values: Sequence[str]) -> None:
-    for start in range(0, len(values), _NOTIFY_CHUNK):
-        chunk = ",".join(values[start : start + _NOTIFY_CHUNK])
+    for start in range(0, len(values), NOTIFY_IDS_PER_PAYLOAD):
+        chunk = ",".join(values[start : start + NOTIFY_IDS_PER_PAYLOAD])
         await conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": chunk})
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "CANCEL_CHANNEL",
     "DONE_CHANNEL",
     "NEW_JOB_CHANNEL",
+    "NOTIFY_IDS_PER_PAYLOAD",
     "ClaimedJob",
     "Dispatchable",
     "Outcome",
@@ -32,12 +33,14 @@ __all__ = [
     "job_count_enqueued",
     "job_count_live",
     "job_hand_back",
+    "job_hand_back_unknown",
     "job_held",
     "job_mark_enqueued",
     "job_progress",
     "job_prune",
     "job_redispatch_stale",
     "job_rescue",
+    "job_stopped_by_operator",
     "job_take_for_dispatch",
     "worker_heartbeat",
     "worker_register",
@@ -47,6 +50,8 @@ __all__ = [
 NEW_JOB_CHANNEL = "polyqueue_new"  # payload: queue name
 DONE_CHANNEL = "polyqueue_done"  # payload: comma-separated ids of jobs that reached a terminal state
 CANCEL_CHANNEL = "polyqueue_cancel"  # payload: comma-separated ids of running jobs cancelled by an operator
+#: Ids per NOTIFY payload: 200 x 37 characters stays below Postgres's 8,000-byte payload limit.
+NOTIFY_IDS_PER_PAYLOAD = 200
 
 Executor = AsyncConnection | AsyncSession
 
@@ -121,12 +126,14 @@ _CLAIM_ONE_QUEUE = _claim_pending("queue = :queue")
 _CLAIM_QUEUES = _claim_pending("queue = ANY(CAST(:queues AS text[]))")
 
 # A broker delivery names a job; it becomes an attempt only if the job is still
-# dispatchable. 'pending' is accepted too (the relay may have crashed between
-# publish and mark) but only once its run_at has come.
+# dispatchable and belongs to a queue this worker serves (a delivery is a hint: a forged or
+# misrouted message must not hand a job to a worker of another queue). 'pending' is accepted
+# too (the relay may have crashed between publish and mark) but only once its run_at has come.
 _CLAIM_BY_IDS = text(  # constants joined, values bound
     f"""
     UPDATE polyqueue_jobs j SET {_CLAIM_SET}
     WHERE j.id = ANY(CAST(:ids AS uuid[]))
+      AND j.queue = ANY(CAST(:queues AS text[]))
       AND (j.status = 'enqueued' OR (j.status = 'pending' AND j.run_at <= now()))
     {_CLAIM_RETURNING}
     """  # noqa: S608
@@ -150,9 +157,13 @@ async def job_claim_pending(
     return _claimed(result.all())
 
 
-async def job_claim_by_ids(conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> list[ClaimedJob]:
-    """Claim the delivered jobs that are still dispatchable; the rest are stale deliveries."""
-    result = await conn.execute(_CLAIM_BY_IDS, {"worker": worker_id, "ids": list(ids)})
+async def job_claim_by_ids(
+    conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid.UUID], queues: Sequence[str]
+) -> list[ClaimedJob]:
+    """Claim the delivered jobs of ``queues`` that are still dispatchable; the rest are stale,
+    duplicate or misrouted deliveries."""
+    params = {"worker": worker_id, "ids": list(ids), "queues": list(queues)}
+    result = await conn.execute(_CLAIM_BY_IDS, params)
     return _claimed(result.all())
 
 
@@ -181,15 +192,16 @@ _COMPLETE_MANY = text(
         WHERE j.id = v.id AND j.attempt = v.attempt AND j.worker_id = v.worker
           AND j.status = (SELECT 'running'::text)
         RETURNING j.id, j.status, j.queue
+    ), finished AS (
+        SELECT id, row_number() OVER () AS n FROM upd WHERE status <> 'pending'
+    ), told AS (
+        -- A NOTIFY payload must stay under 8,000 bytes: ids go out in chunks (see NOTIFY_IDS_PER_PAYLOAD).
+        SELECT pg_notify('polyqueue_done', string_agg(id::text, ',')) FROM finished
+        GROUP BY (n - 1) / CAST(:per_notify AS int)
     )
-    SELECT coalesce(array_agg(id), '{}'),
-           CASE WHEN count(*) FILTER (WHERE status <> 'pending') > 0 THEN
-               pg_notify('polyqueue_done', string_agg(id::text, ',') FILTER (WHERE status <> 'pending'))
-           END,
-           CASE WHEN count(*) FILTER (WHERE status = 'pending') > 0 THEN
-               pg_notify('polyqueue_new', min(queue) FILTER (WHERE status = 'pending'))
-           END
-    FROM upd
+    SELECT coalesce((SELECT array_agg(id) FROM upd), '{}'),
+           (SELECT count(*) FROM told),
+           (SELECT pg_notify('polyqueue_new', min(queue)) FROM upd WHERE status = 'pending' HAVING count(*) > 0)
     """
 )
 
@@ -209,8 +221,9 @@ async def job_complete_many(conn: Executor, outcomes: Sequence[Outcome]) -> set[
         "results": [o.result_json for o in outcomes],
         "errors": [o.error_json for o in outcomes],
         "delays": [o.delay for o in outcomes],
+        "per_notify": NOTIFY_IDS_PER_PAYLOAD,
     }
-    written = (await conn.execute(_COMPLETE_MANY, params)).scalar_one()
+    written = (await conn.execute(_COMPLETE_MANY, params)).first()[0]  # type: ignore[index]
     return set(written)
 
 
@@ -233,6 +246,99 @@ async def job_hand_back(conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid
         return 0
     written = (await conn.execute(_HAND_BACK, {"worker": worker_id, "ids": list(ids)})).scalar_one()
     return len(written or [])
+
+
+_HAND_BACK_UNKNOWN = text(
+    """
+    WITH j0 AS (
+        SELECT id,
+               (SELECT min((e->>'at')::timestamptz) FROM jsonb_array_elements(errors) e
+                 WHERE e->>'type' = 'UnknownTaskError') AS since,
+               (SELECT count(*) FROM jsonb_array_elements(errors) e
+                 WHERE e->>'type' = 'UnknownTaskError') AS times,
+               (SELECT string_agg(DISTINCT e->>'worker', ', ') FROM jsonb_array_elements(errors) e
+                 WHERE e->>'type' = 'UnknownTaskError' AND e->>'worker' <> CAST(:label AS text)) AS lacking
+        FROM polyqueue_jobs
+        WHERE id = :id AND worker_id = :worker AND attempt = :attempt AND status = 'running'
+        FOR UPDATE
+    ), d AS (
+        SELECT id, coalesce(since, now()) <= now() - :grace * interval '1 second' AS give_up,
+               times, concat_ws(', ', lacking, CAST(:label AS text)) AS lacking
+        FROM j0
+    ), upd AS (
+        UPDATE polyqueue_jobs j SET
+            status = CASE WHEN d.give_up THEN 'failed' ELSE 'pending' END,
+            attempt = CASE WHEN d.give_up THEN j.attempt ELSE j.attempt - 1 END,
+            worker_id = CASE WHEN d.give_up THEN j.worker_id END,
+            started_at = CASE WHEN d.give_up THEN j.started_at END,
+            finished_at = CASE WHEN d.give_up THEN now() END,
+            timeout_at = NULL,
+            run_at = CASE WHEN d.give_up THEN j.run_at
+                          ELSE now() + least(CAST(:max_delay AS float8), 0.5 * power(2, d.times))
+                                       * interval '1 second' END,
+            errors = j.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', j.attempt, 'at', now(), 'worker', CAST(:label AS text), 'type', 'UnknownTaskError',
+                'message', CASE WHEN d.give_up
+                    THEN 'no worker that claimed it has a handler for task ' || quote_literal(j.task)
+                         || ' within unknown_task_grace (' || CAST(:grace AS float8)
+                         || ' s); workers that lacked it: ' || d.lacking
+                    ELSE 'worker ' || CAST(:label AS text) || ' has no handler for task ' || quote_literal(j.task)
+                         || '; handed back for a worker that has it (attempt not counted)' END,
+                'traceback', NULL))
+        FROM d WHERE j.id = d.id
+        RETURNING j.status, j.queue
+    )
+    SELECT status, CASE WHEN status = 'failed' THEN pg_notify('polyqueue_done', CAST(:id AS text))
+                        ELSE pg_notify('polyqueue_new', queue) END
+    FROM upd
+    """
+)
+
+
+async def job_hand_back_unknown(
+    conn: Executor,
+    *,
+    job_id: uuid.UUID,
+    worker_id: uuid.UUID,
+    attempt: int,
+    worker_label: str,
+    grace: float,
+    max_delay: float,
+) -> str | None:
+    """Hand back a job whose task this worker has no handler for (a rolling deploy): ``pending``
+    again after a backoff, the attempt not counted, a record naming the worker kept in ``errors``.
+    Once the first such record is ``grace`` seconds old, fail it instead, naming every worker that
+    lacked the task. Returns the new status, or None when the attempt is no longer owned.
+    """
+    params = {
+        "id": job_id,
+        "worker": worker_id,
+        "attempt": attempt,
+        "label": worker_label,
+        "grace": grace,
+        "max_delay": max_delay,
+    }
+    row = (await conn.execute(_HAND_BACK_UNKNOWN, params)).first()
+    return None if row is None else str(row[0])
+
+
+async def job_stopped_by_operator(
+    conn: Executor, worker_id: uuid.UUID, attempts: Sequence[tuple[uuid.UUID, int]]
+) -> set[uuid.UUID]:
+    """Of ``(job id, attempt)`` pairs this worker runs, those Postgres says were cancelled or failed
+    under it meanwhile (``admin cancel``/``fail``): the confirmation a cancel NOTIFY needs."""
+    if not attempts:
+        return set()
+    rows = await conn.execute(
+        text(
+            "SELECT j.id FROM polyqueue_jobs j "
+            "JOIN unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS a(id, attempt) "
+            "ON j.id = a.id AND j.attempt = a.attempt "
+            "WHERE j.worker_id = :worker AND j.status IN ('cancelled', 'failed')"
+        ),
+        {"worker": worker_id, "ids": [a[0] for a in attempts], "attempts": [a[1] for a in attempts]},
+    )
+    return {row[0] for row in rows}
 
 
 async def job_held(conn: Executor, worker_id: uuid.UUID, *, older_than: float) -> list[uuid.UUID]:
@@ -296,7 +402,10 @@ _RESCUE = text(
           AND j.status = 'running'
         RETURNING j.id, j.status, j.queue
     )
-    SELECT id, status, queue, pg_notify('polyqueue_new', queue) FROM upd
+    SELECT id, status, queue,
+           CASE WHEN status = 'pending' THEN pg_notify('polyqueue_new', queue)
+                ELSE pg_notify('polyqueue_done', id::text) END
+    FROM upd
     """
 )
 

@@ -51,6 +51,10 @@ class MetricsHook(Protocol):
     def queue_depth(self, queue: str, status: str, count: int) -> None:
         """A gauge sample of live jobs by queue and status, taken by the maintenance leader."""
 
+    def loop_blocked(self, seconds: float) -> None:
+        """A worker's event loop was blocked this long (a handler ran blocking code); every job
+        of that worker waited meanwhile."""
+
     def inject_meta(self, meta: dict[str, Any]) -> None:
         """Add to a job's ``meta`` before insert (e.g. the enqueuing span's ``traceparent``)."""
 
@@ -104,6 +108,10 @@ class GuardedMetrics:
     def queue_depth(self, queue: str, status: str, count: int) -> None:
         """Forward to the hook (guarded)."""
         self._call("queue_depth", queue, status, count)
+
+    def loop_blocked(self, seconds: float) -> None:
+        """Forward to the hook (guarded)."""
+        self._call("loop_blocked", seconds)
 
     def inject_meta(self, meta: dict[str, Any]) -> None:
         """Forward to the hook (guarded)."""

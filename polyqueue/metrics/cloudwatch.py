@@ -129,6 +129,10 @@ class CloudWatchMetrics:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("QueueDepth", "Count", count, Queue=queue, Status=status)
 
+    def loop_blocked(self, seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
+        self._add("EventLoopBlocked", "Seconds", seconds)
+
     # -- sending --------------------------------------------------------------------------------
     async def start(self) -> None:
         """Create the CloudWatch client and start the flush task (call in the running loop)."""

@@ -51,6 +51,9 @@ class OtelMetrics:
         self.queue_wait = meter.create_histogram("polyqueue.job.queue_wait", "s", "Seconds from due to started.")
         self.run_time = meter.create_histogram("polyqueue.job.run_time", "s", "Seconds an attempt ran.")
         self.depth = meter.create_gauge("polyqueue.queue.depth", "{job}", "Live jobs by queue and status.")
+        self.loop_blocked_time = meter.create_histogram(
+            "polyqueue.worker.loop_blocked", "s", "Seconds a worker's event loop was blocked."
+        )
 
     @staticmethod
     def _attrs(task: str | None, queue: str, **extra: str) -> dict[str, str]:
@@ -93,6 +96,10 @@ class OtelMetrics:
     def queue_depth(self, queue: str, status: str, count: int) -> None:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.depth.set(count, self._attrs(None, queue, status=status))
+
+    def loop_blocked(self, seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
+        self.loop_blocked_time.record(seconds)
 
     def inject_meta(self, meta: dict[str, Any]) -> None:
         """Write the current span's context into ``meta`` (W3C ``traceparent``), unless it has one."""

@@ -71,6 +71,13 @@ class PrometheusMetrics:
             "queue_depth", "Live jobs by queue and status (maintenance leader).", ["queue", "status"],
             namespace=ns, registry=r,
         )  # fmt: skip
+        self.loop_blocked_seconds = Histogram(
+            "event_loop_blocked_seconds",
+            "Seconds a worker's event loop was blocked (a handler ran blocking code).",
+            namespace=ns,
+            registry=r,
+            buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+        )
 
     def job_enqueued(self, task: str, queue: str, count: int) -> None:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
@@ -99,6 +106,10 @@ class PrometheusMetrics:
     def queue_depth(self, queue: str, status: str, count: int) -> None:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.depth.labels(queue, status).set(count)
+
+    def loop_blocked(self, seconds: float) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
+        self.loop_blocked_seconds.observe(seconds)
 
 
 def start_http_server(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry | None = None) -> Any:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from polyqueue._redact import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS, cap, mask_secrets
 from polyqueue.context import JobContext
 from polyqueue.errors import Retry, TerminalError
 from polyqueue.queries import ClaimedJob, Outcome
@@ -33,16 +34,28 @@ class TimeLimitExceeded(Exception):
 
 
 def error_record(attempt: int, kind: str, message: str, tb: str | None = None) -> str:
-    """One entry of a job's ``errors`` list, as JSON."""
+    """One entry of a job's ``errors`` list, as JSON.
+
+    The message and traceback are stored for whoever reads the jobs table, so credentials in
+    them are masked (a DSN's password, a SAS key), and both are capped: the message at its
+    start, the traceback at its end, where it was raised, each of its lines like a message.
+    """
     return to_json(
         {
             "attempt": attempt,
             "at": dt.datetime.now(dt.UTC).isoformat(),
             "type": kind,
-            "message": message,
-            "traceback": tb,
+            "message": cap(mask_secrets(message), MAX_MESSAGE_CHARS),
+            "traceback": None if tb is None else _stored_traceback(tb),
         }
     ).decode()
+
+
+def _stored_traceback(tb: str) -> str:
+    # Each line capped first: a huge exception message is the traceback's last line, and keeping
+    # only the end of the whole would keep nothing but that message.
+    lines = (cap(line, MAX_MESSAGE_CHARS) for line in mask_secrets(tb).splitlines())
+    return cap("\n".join(lines), MAX_TRACEBACK_CHARS, keep="end")
 
 
 def _failed(job: ClaimedJob, kind: str, message: str, tb: str | None = None) -> Outcome:
@@ -85,14 +98,12 @@ async def _call(spec: TaskSpec, payload: Any, ctx: JobContext, job: ClaimedJob) 
 
 async def execute(
     job: ClaimedJob,
-    spec: TaskSpec | None,
+    spec: TaskSpec,
     *,
     engine: AsyncEngine,
     heartbeat: Callable[[], Awaitable[None]],
 ) -> tuple[Outcome, JobContext | None]:
     """Run ``job`` once. Never raises, except ``CancelledError`` (shutdown or cancellation)."""
-    if spec is None:
-        return _failed(job, "UnknownTaskError", f"no handler is registered for task {job.task!r} in this worker"), None
     try:
         payload = spec.payload_model.model_validate(job.payload)
     except ValidationError as exc:
@@ -126,16 +137,16 @@ async def execute(
     except Exception as exc:
         return retry_or_fail(job, spec, type(exc).__name__, str(exc), traceback.format_exc(), None), ctx
     try:
-        result_json = to_json(value).decode()
+        result = to_json(value)
     except (PydanticSerializationError, TypeError, ValueError) as exc:
         return _failed(
             job, "ResultNotSerializable", f"result of task {job.task!r} is not JSON-serialisable: {exc}"
         ), ctx
-    if len(result_json) > spec.max_result_bytes:
+    if len(result) > spec.max_result_bytes:  # bytes of UTF-8, as stored
         return _failed(
             job,
             "ResultTooLarge",
-            f"result of task {job.task!r} is {len(result_json)} bytes; the limit is {spec.max_result_bytes} "
+            f"result of task {job.task!r} is {len(result)} bytes; the limit is {spec.max_result_bytes} "
             "(max_result_bytes): store large results elsewhere and return a reference",
         ), ctx
-    return Outcome(job.id, job.attempt, job.worker_id, "succeeded", result_json=result_json), ctx
+    return Outcome(job.id, job.attempt, job.worker_id, "succeeded", result_json=result.decode()), ctx

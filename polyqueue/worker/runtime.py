@@ -33,8 +33,10 @@ from polyqueue.queries import (
     job_any_due,
     job_complete_many,
     job_hand_back,
+    job_hand_back_unknown,
     job_held,
     job_progress,
+    job_stopped_by_operator,
     worker_heartbeat,
     worker_register,
     worker_stop,
@@ -45,6 +47,7 @@ from polyqueue.settings import secret_value
 from polyqueue.worker.completer import Completer
 from polyqueue.worker.executor import execute, retry_or_fail
 from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSource
+from polyqueue.worker.watchdog import LoopWatchdog
 
 __all__ = ["Worker"]
 
@@ -52,6 +55,8 @@ log = logging.getLogger("polyqueue.worker")
 
 #: How often a burst worker with a broker looks again while due jobs are still to be delivered.
 BURST_RECHECK = 0.05
+#: Longest wait between hand-backs of a job whose task this worker does not know (0.5 s doubling).
+UNKNOWN_TASK_MAX_DELAY = 60.0
 job_log = logging.getLogger("polyqueue.job")
 
 
@@ -101,11 +106,13 @@ class Worker:
         self.concurrency = concurrency or s.concurrency
         self.settings = s
         self.worker_id = uuid.uuid4()
+        self.label = f"{socket.gethostname()}:{os.getpid()}"  # how errors and logs name this worker
         self.metrics = GuardedMetrics(metrics) if metrics is not None else app.metrics
         pooled = s.pool_mode == "transaction"
         self.listener = Listener(engine, direct_url=secret_value(s.listen_database_url), transaction_pooling=pooled)
         self.listener.subscribe(CANCEL_CHANNEL, self._on_cancel)
         self._cancel_requested: set[uuid.UUID] = set()
+        self._checks: set[asyncio.Task[None]] = set()  # cancel NOTIFYs being confirmed against their rows
         self.source: JobSource = (
             DirectSource(engine, self.listener, self.queues, s.poll_interval, transaction_pooling=pooled)
             if broker is None
@@ -144,6 +151,8 @@ class Worker:
         await while_unreachable(self.listener.start, wait=wait, what="listening for notifications")
         self.completer.start()
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
+        watchdog = LoopWatchdog(self.settings.blocked_loop_threshold, self._on_loop_blocked)
+        self._background.append(asyncio.create_task(watchdog.run(), name="polyqueue-watchdog"))
         if self.broker is not None:
             ensuring = ensure_queues(self.broker, self.queues, self._stopping)
             self._background.append(asyncio.create_task(ensuring, name="polyqueue-ensure"))
@@ -199,10 +208,12 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
 
     async def _reconcile(self) -> None:
-        """Hand back jobs Postgres says we run but we do not know of.
+        """Make what runs here agree with Postgres.
 
-        A claim whose reply was lost (connection cut after the UPDATE committed) leaves
-        such a job: without this it would stay 'running' for as long as we live.
+        Hand back jobs Postgres says we run but we do not know of: a claim whose reply was lost
+        (connection cut after the UPDATE committed) leaves such a job, which would otherwise stay
+        'running' for as long as we live. And stop handlers of jobs an operator cancelled or
+        failed meanwhile, whose cancel NOTIFY we missed (the listener was reconnecting).
         """
         async with self.engine.begin() as conn:
             held = await job_held(conn, self.worker_id, older_than=2 * self.settings.heartbeat_interval)
@@ -211,6 +222,10 @@ class Worker:
             if orphans:
                 count = await job_hand_back(conn, self.worker_id, orphans)
                 log.warning("handed back %d jobs claimed by this worker whose claim reply was lost", count)
+        await self._cancel_confirmed(set(known))
+
+    def _on_loop_blocked(self, seconds: float, culprit: str | None) -> None:
+        self.metrics.loop_blocked(seconds)
 
     # -- the fetch loop --------------------------------------------------------------------------
     async def _free_slots(self, low_water: int) -> int:
@@ -266,10 +281,30 @@ class Worker:
             return True
 
     def _on_cancel(self, payload: str) -> None:
-        """An operator cancelled running jobs (``admin cancel``): cancel the ones running here."""
-        wanted = {p for p in payload.split(",") if p}
+        """A NOTIFY says running jobs were cancelled (``admin cancel``/``fail``). Anyone who can
+        connect can send one, so it only makes us look: the handlers stop once their rows confirm."""
+        named = {p.strip() for p in payload.split(",")}
+        ids = {c.job.id for c in self._running.values() if str(c.job.id) in named}
+        if ids:
+            check = asyncio.create_task(self._cancel_confirmed(ids), name="polyqueue-cancel-check")
+            self._checks.add(check)
+            check.add_done_callback(self._checks.discard)
+
+    async def _cancel_confirmed(self, ids: set[uuid.UUID]) -> None:
+        """Cancel the handlers of ``ids`` whose attempt Postgres says an operator stopped."""
+        claims = {c.job.id: c for c in self._running.values() if c.job.id in ids}
+        if not claims:
+            return
+        try:
+            async with self.engine.connect() as conn:
+                attempts = [(c.job.id, c.job.attempt) for c in claims.values()]
+                stopped = await job_stopped_by_operator(conn, self.worker_id, attempts)
+        except Exception as exc:  # the heartbeat's reconcile looks again
+            log.warning("checking %d cancelled jobs failed: %s", len(claims), exc)
+            return
         for task, claim in list(self._running.items()):
-            if str(claim.job.id) in wanted:
+            if claim.job.id in stopped and claims.get(claim.job.id) is claim:
+                log.info("job %s was stopped by an operator; cancelling its handler", claim.job.id)
                 self._cancel_requested.add(claim.job.id)
                 task.cancel()
 
@@ -297,6 +332,9 @@ class Worker:
     async def _run_one(self, claim: Claim) -> None:
         job = claim.job
         spec = self.app.tasks.get(job.task)
+        if spec is None:
+            await self._hand_back_unknown(claim)
+            return
 
         async def heartbeat() -> None:
             async with self.engine.begin() as conn:
@@ -394,9 +432,10 @@ class Worker:
                 await _bounded("cancelling unfinished jobs", asyncio.gather(*pending, return_exceptions=True))
                 await self._hand_back(claims)
         await self.completer.close()
-        for t in self._background:
+        for t in [*self._background, *self._checks]:
             t.cancel()
-        await _bounded("stopping background loops", asyncio.gather(*self._background, return_exceptions=True))
+        stopping = asyncio.gather(*self._background, *self._checks, return_exceptions=True)
+        await _bounded("stopping background loops", stopping)
         self._background.clear()
         try:
             async with self.engine.begin() as conn:
@@ -406,6 +445,44 @@ class Worker:
         await _bounded("closing the job source", self.source.close())
         await _bounded("closing the LISTEN connection", self.listener.close())
         log.info("worker %s stopped after %d jobs", self.worker_id, self.processed)
+
+    async def _hand_back_unknown(self, claim: Claim) -> None:
+        """This worker has no handler for the job's task: during a rolling deploy a newer worker
+        may have it. Hand the job back without counting the attempt; it fails only once
+        ``unknown_task_grace`` passed since the first worker lacked it."""
+        job = claim.job
+        try:
+            async with self.engine.begin() as conn:
+                status = await job_hand_back_unknown(
+                    conn,
+                    job_id=job.id,
+                    worker_id=job.worker_id,
+                    attempt=job.attempt,
+                    worker_label=self.label,
+                    grace=self.settings.unknown_task_grace,
+                    max_delay=UNKNOWN_TASK_MAX_DELAY,
+                )
+        except Exception as exc:  # the job stays running under us; reconcile or maintenance hands it back
+            log.error("handing back job %s of unknown task %r failed: %s", job.id, job.task, exc)
+            return
+        if status == "failed":
+            log.error(
+                "job %s failed: no worker that claimed it has a handler for task %r within unknown_task_grace "
+                "(%.0f s); this worker knows %s",
+                job.id,
+                job.task,
+                self.settings.unknown_task_grace,
+                sorted(self.app.tasks),
+            )
+        elif status is not None:
+            log.warning(
+                "job %s: no handler for task %r in this worker (it knows %s); handed back for a worker that "
+                "has it (a rolling deploy?), attempt not counted",
+                job.id,
+                job.task,
+                sorted(self.app.tasks),
+            )
+        await self.source.done(claim)
 
     async def _hand_back(self, claims: list[Claim]) -> None:
         by_worker: dict[uuid.UUID, list[uuid.UUID]] = {}

@@ -141,7 +141,7 @@ class BrokerSource:
         jobs: list[ClaimedJob] = []
         if good:
             async with self._conn.use() as conn:
-                jobs = await job_claim_by_ids(conn, worker_id, list(good))
+                jobs = await job_claim_by_ids(conn, worker_id, list(good), self._queues)
         claimed = {j.id for j in jobs}
         extra += [d for job_id, d in good.items() if job_id not in claimed]
         for d in extra:  # stale, duplicate or malformed: the record in Postgres says there is nothing to run

@@ -1,0 +1,90 @@
+"""Detects a blocked event loop and says which job blocked it.
+
+A handler that calls blocking code (``time.sleep``, a synchronous HTTP client, heavy CPU work)
+inside ``async def`` stops every other job of the process, the heartbeats and the time limits:
+``asyncio.timeout`` cannot fire while the loop does not run. The worker cannot stop such a
+handler; it can make it visible at once.
+
+A thread watches a timestamp the loop refreshes every ``threshold / 4``. When the timestamp is
+older than ``threshold``, the thread reads which task the loop is running (each job runs in a
+task named ``polyqueue-job-<id>``) and the loop thread's innermost frames, and logs them while
+the loop is still blocked. When the loop runs again, the blocked time is logged and reported
+to the metrics hook (``loop_blocked``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+__all__ = ["LoopWatchdog"]
+
+log = logging.getLogger("polyqueue.worker")
+
+#: Frames of the loop thread's stack shown in the warning (innermost last).
+STACK_FRAMES = 6
+
+
+class LoopWatchdog:
+    """Run ``await watchdog.run()`` as a task on the loop it watches; ``on_blocked(seconds, task_name)``
+    is called on that loop once a block of at least ``threshold`` seconds is over."""
+
+    def __init__(self, threshold: float, on_blocked: Callable[[float, str | None], None]) -> None:
+        self.threshold = threshold
+        self.tick = threshold / 4
+        self._on_blocked = on_blocked
+        self._beat = time.monotonic()
+        self._culprit: str | None = None  # the task the thread saw running during the current block
+        self._stop = threading.Event()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        thread = threading.Thread(
+            target=self._watch, args=(loop, loop_thread), name="polyqueue-loop-watchdog", daemon=True
+        )
+        self._beat = time.monotonic()
+        thread.start()
+        try:
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(self.tick)
+                now = time.monotonic()
+                self._beat = now
+                blocked = now - before - self.tick
+                if blocked >= self.threshold:
+                    culprit, self._culprit = self._culprit, None
+                    log.warning(
+                        "the event loop was blocked for %.1f s%s: every job of this worker, its heartbeats "
+                        "and time limits waited; run blocking code with asyncio.to_thread",
+                        blocked,
+                        f" by {culprit}" if culprit else "",
+                    )
+                    self._on_blocked(blocked, culprit)
+        finally:
+            self._stop.set()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
+        reported_beat = 0.0
+        while not self._stop.wait(self.tick):
+            beat = self._beat
+            stalled = time.monotonic() - beat
+            if stalled < self.threshold or beat == reported_beat:
+                continue
+            reported_beat = beat  # one warning per block
+            task = asyncio.current_task(loop)  # a read of the loop's current-task slot; the loop is stuck
+            name = task.get_name() if task is not None else None
+            self._culprit = name
+            frame = sys._current_frames().get(loop_thread)
+            stack = "".join(traceback.format_stack(frame)[-STACK_FRAMES:]) if frame is not None else ""
+            log.warning(
+                "the event loop has been blocked for %.1f s%s; it is at:\n%s",
+                stalled,
+                f" by {name}" if name else "",
+                stack.rstrip(),
+            )
