@@ -271,3 +271,51 @@ async def test_a_relay_blocked_on_a_silent_broker_still_stops(engine: AsyncEngin
         assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'pending'") == 5
     finally:
         silent.close()
+
+
+async def test_a_forged_deeply_nested_entry_does_not_stall_the_real_jobs_read_with_it(
+    engine: AsyncEngine, db_url: URL, redis_server: RedisServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Issue #14. A forged entry of 2,000 ``[`` (within the size cap, nested past ``json.loads``'s
+    recursion limit) sits on the live stream ahead of real jobs, so the worker's first read takes
+    them together. It used to fail that whole read ("claiming jobs failed ... retrying"), leaving
+    every real delivery of the batch pending until the lease ran out. Now the forged entry is
+    dropped on its own and every real job runs well before the lease."""
+    import asyncio
+
+    from polyqueue import Polyqueue
+    from tests.services import url_str
+
+    lease = 60.0
+    jobs = 20  # fewer than the worker's concurrency (16 by default) plus one: two reads at most
+    await create_effect_tables(engine)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await raw.xadd("polyqueue:default", {"body": b"[" * 2000})
+        await enqueue_effects(engine, jobs)
+        relay_app = Polyqueue(
+            database_url=url_str(db_url), queue_backend="redis", broker_url=redis_server.url, poll_interval=0.1
+        )
+        stopping = asyncio.Event()
+        relay = asyncio.create_task(run_relay(relay_app, engine=engine, stopping=stopping))
+        await wait_until(lambda: _where(engine, "status = 'enqueued'", jobs), what="the relay to publish every job")
+        stopping.set()
+        await relay
+        assert await raw.xlen("polyqueue:default") == jobs + 1
+        worker = spawn_worker(db_url, APP, env=_redis_env(redis_server, POLYQUEUE_LEASE_SECONDS=str(lease)))
+        try:
+            await wait_all_terminal(engine, jobs, timeout=lease / 3)  # no delivery waited for the lease
+
+            async def stream_drained() -> bool:
+                return bool(await raw.xlen("polyqueue:default") == 0)
+
+            await wait_until(stream_drained, timeout=lease / 3, what="the forged entry acked and deleted")
+        finally:
+            stop_processes(worker)
+    finally:
+        await raw.aclose()
+    assert worker.returncode == 0
+    await assert_exactly_once(engine, jobs)
+    log = capfd.readouterr().err
+    assert "claiming jobs failed" not in log
+    assert any("dropping malformed message" in line and "nested too deep" in line for line in log.splitlines())

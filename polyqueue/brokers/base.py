@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -23,9 +23,12 @@ __all__ = [
     "Delivery",
     "Message",
     "TransactionalPublisher",
+    "decode_each",
     "decode_message",
     "encode_message",
 ]
+
+T = TypeVar("T")
 
 #: A message body larger than this is malformed by definition (ours are ~70 bytes).
 MAX_MESSAGE_BYTES = 4096
@@ -128,17 +131,24 @@ def encode_message(message: Message) -> bytes:
 
 
 def decode_message(body: bytes | str, *, queue: str, handle: Any = None, delivery_count: int = 1) -> Delivery:
-    """Parse a message body; a malformed one yields a ``Delivery`` with ``job_id=None`` and ``error`` set."""
+    """Parse a message body; a malformed one yields a ``Delivery`` with ``job_id=None`` and ``error`` set.
+
+    Never raises (guarantee 7: one malformed delivery never touches another). A body of 2,000
+    ``[`` is within the size cap yet makes ``json.loads`` raise ``RecursionError``: that and any
+    other surprise of the parser are a malformed body like the rest.
+    """
 
     def bad(reason: str) -> Delivery:
         return Delivery(None, queue, handle, delivery_count, error=reason)
 
-    if len(body) > MAX_MESSAGE_BYTES:
-        return bad(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
+        if len(body) > MAX_MESSAGE_BYTES:
+            return bad(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return bad(f"not JSON: {exc}")
+    except RecursionError:
+        return bad("not JSON: nested too deep")
+    except Exception as exc:  # ValueError, UnicodeDecodeError, TypeError (not text at all)...
+        return bad(f"not JSON: {type(exc).__name__}: {str(exc)[:200]}")
     if not isinstance(data, dict) or not isinstance(data.get("id"), str):
         return bad("JSON without a string 'id'")
     try:
@@ -147,5 +157,27 @@ def decode_message(body: bytes | str, *, queue: str, handle: Any = None, deliver
         return bad(f"'id' is not a UUID: {data['id'][:64]!r}")
     msg_queue = data.get("queue", queue)
     if msg_queue != queue:
-        return bad(f"message for queue {msg_queue!r} arrived on {queue!r}")
+        return bad(f"message for queue {str(msg_queue)[:64]!r} arrived on {queue!r}")
     return Delivery(job_id, queue, handle, delivery_count)
+
+
+def decode_each(
+    queue: str, entries: Iterable[T], build: Callable[[T], Delivery], *, handle: Callable[[T], Any] = lambda _: None
+) -> list[Delivery]:
+    """``build`` (an adapter's entry → ``Delivery``) for each entry on its own.
+
+    An exception from one entry (a missing or odd field or attribute, not only a bad body)
+    becomes that entry's ``Delivery(job_id=None, error=...)``, with ``handle(entry)`` as its
+    handle where that still works, so it can be acked; the other entries are untouched.
+    """
+    out: list[Delivery] = []
+    for entry in entries:
+        try:
+            out.append(build(entry))
+        except Exception as exc:
+            try:
+                receipt = handle(entry)
+            except Exception:
+                receipt = None
+            out.append(Delivery(None, queue, receipt, error=f"unreadable delivery: {type(exc).__name__}: {exc}"[:300]))
+    return out

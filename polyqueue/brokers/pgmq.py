@@ -28,14 +28,22 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, InterfaceError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message, decode_message, encode_message
+from polyqueue.brokers.base import (
+    BrokerConfig,
+    Capabilities,
+    Delivery,
+    Message,
+    decode_each,
+    decode_message,
+    encode_message,
+)
 from polyqueue.db import asyncpg_url, make_engine
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
@@ -278,7 +286,11 @@ class PgmqBroker:
                 if len(out) >= limit:
                     break
                 rows = await conn.execute(_READ, {"q": self.pgmq_name(q), "vt": self._vt, "n": limit - len(out)})
-                out += [_delivery(q, msg_id, read_ct, body) for msg_id, read_ct, body in rows]
+                got = list(rows)  # each decoded on its own: one bad message never fails the read
+                decoded = decode_each(q, got, functools.partial(_row_delivery, q), handle=lambda r: r[0])
+                for d, row in zip(decoded, got, strict=True):
+                    d.extra.setdefault("read_ct", row[1])  # even an unreadable one can be acked
+                    out.append(d)
         return out
 
     async def _set_vt(self, op: str, delivery: Delivery, seconds: float) -> bool:
@@ -345,6 +357,11 @@ class PgmqBroker:
             or (code is None and not isinstance(exc, DBAPIError))  # pool timeouts and the like
         )
         return BrokerError(f"pgmq {op} at {self._where} failed: {detail}", transient=transient)
+
+
+def _row_delivery(queue: str, row: Any) -> Delivery:
+    msg_id, read_ct, body = row
+    return _delivery(queue, msg_id, read_ct, body)
 
 
 def _delivery(queue: str, msg_id: int, read_ct: int, body: str | None) -> Delivery:

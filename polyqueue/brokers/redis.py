@@ -34,7 +34,15 @@ import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message, decode_message, encode_message
+from polyqueue.brokers.base import (
+    BrokerConfig,
+    Capabilities,
+    Delivery,
+    Message,
+    decode_each,
+    decode_message,
+    encode_message,
+)
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
 __all__ = ["RedisBroker"]
@@ -300,8 +308,7 @@ class RedisBroker:
                 next_due = min(next_due, due_ms / 1000)
             for entry_id in dead:
                 log.error("redis entry %s of queue %r dead-lettered after too many deliveries", _s(entry_id), q)
-            for entry_id, fields, count in live:
-                out.append(self._delivery(q, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)), count))
+            out += decode_each(q, live, functools.partial(self._claimed_delivery, q), handle=lambda e: _s(e[0]))
         return out, next_due
 
     async def _pass(self, queues: Sequence[str], limit: int, left: float) -> list[Delivery] | None:
@@ -323,9 +330,10 @@ class RedisBroker:
             return None
         out: list[Delivery] = []
         for key, entries in reply or []:
-            for entry_id, fields in entries:
-                if fields is not None:
-                    out.append(self._delivery(by_key[key], entry_id, fields, 1))
+            queue = by_key[key]  # each entry decoded on its own: one bad entry never fails the batch
+            live = [e for e in entries if e[1] is not None]  # None: deleted since (Redis 6.2)
+            build = functools.partial(self._entry_delivery, queue)
+            out += decode_each(queue, live, build, handle=lambda e: _s(e[0]))
         return out
 
     async def _unless_closed(self, call: Awaitable[T]) -> T | object:
@@ -339,6 +347,15 @@ class RedisBroker:
                 t.cancel()
             await asyncio.gather(work, closed, return_exceptions=True)
         return _CLOSED if work.cancelled() else work.result()
+
+    def _claimed_delivery(self, queue: str, entry: Any) -> Delivery:
+        """A reclaimed entry of the ``take`` script: ``(id, flat fields, deliveries)``."""
+        fields = entry[1]
+        return self._delivery(queue, entry[0], dict(zip(fields[::2], fields[1::2], strict=True)), entry[2])
+
+    def _entry_delivery(self, queue: str, entry: Any) -> Delivery:
+        """A new entry of ``XREADGROUP``: ``(id, fields)``, first delivery."""
+        return self._delivery(queue, entry[0], entry[1], 1)
 
     def _delivery(self, queue: str, entry_id: bytes | str, fields: dict[Any, Any], count: int) -> Delivery:
         handle = _s(entry_id)

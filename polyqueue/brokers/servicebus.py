@@ -79,7 +79,15 @@ from azure.servicebus.exceptions import (
 )
 
 from polyqueue._aio import gather_all
-from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message, decode_message, encode_message
+from polyqueue.brokers.base import (
+    BrokerConfig,
+    Capabilities,
+    Delivery,
+    Message,
+    decode_each,
+    decode_message,
+    encode_message,
+)
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
 __all__ = ["ServiceBusBroker"]
@@ -299,7 +307,8 @@ class ServiceBusBroker:
         # Not under link.sends: a receive only grants credit (flow frames) and may wait seconds.
         async with self._call("receive", queue, link, serialised=False) as receiver:
             got = await receiver.receive_messages(max_message_count=limit, max_wait_time=wait)
-        return [_delivery(queue, link, m) for m in got]
+        # each decoded on its own: one bad message (body, annotation) never fails the others
+        return decode_each(queue, got, lambda m: _delivery(queue, link, m), handle=lambda m: (link, m))
 
     async def _settle(
         self, op: str, delivery: Delivery, settle: Callable[[ServiceBusReceiver], Awaitable[None]]
@@ -480,10 +489,13 @@ def _handle(delivery: Delivery) -> tuple[_Link, ServiceBusReceivedMessage]:
 def _delivery(queue: str, link: _Link, message: ServiceBusReceivedMessage) -> Delivery:
     """A ``Delivery`` for a received message; ``handle`` is ``(receiver link, message)``."""
     handle = (link, message)
-    count = (message.delivery_count or 0) + 1  # the SDK reports prior failed deliveries (None for none)
+    try:  # the SDK reports prior failed deliveries (None for none); a hint only (guarantee 7)
+        count = max(0, int(message.delivery_count or 0)) + 1
+    except (TypeError, ValueError):
+        count = 1
     try:
         body = b"".join(_chunks(message))
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # whatever the SDK hands over as a body is this message's problem only
         return Delivery(None, queue, handle, count, error=f"body is not binary data: {exc}")
     delivery = decode_message(body, queue=queue, handle=handle, delivery_count=count)
     if delivery.job_id is None:

@@ -37,7 +37,15 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError  # t
 from botocore.exceptions import ConnectionError as SdkConnectionError
 
 from polyqueue._aio import gather_all
-from polyqueue.brokers.base import BrokerConfig, Capabilities, Delivery, Message, decode_message, encode_message
+from polyqueue.brokers.base import (
+    BrokerConfig,
+    Capabilities,
+    Delivery,
+    Message,
+    decode_each,
+    decode_message,
+    encode_message,
+)
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
 __all__ = ["SqsBroker"]
@@ -351,13 +359,25 @@ class SqsBroker:
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
             until = loop.time() + self._visibility - LEASE_SLACK  # SQS started counting just before replying
-            return [self._delivery(queue, url, m, until) for m in reply.get("Messages", [])]
+            # each decoded on its own: one bad message (body, attribute) never fails the others
+            got = decode_each(
+                queue,
+                reply.get("Messages") or [],
+                lambda m: self._delivery(queue, url, m, until),
+                handle=lambda m: (url, m["ReceiptHandle"]),
+            )
+            for d in got:
+                d.extra.setdefault("lease_until", until)  # so that an unreadable one can be acked too
+            return got
 
         return await self._on_queue(queue, "receive", call)
 
     def _delivery(self, queue: str, url: str, message: dict[str, Any], lease_until: float) -> Delivery:
-        count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-        body = message.get("Body", "")
+        try:  # a hint only (guarantee 7): an odd value is not worth losing the delivery over
+            count = max(1, int((message.get("Attributes") or {}).get("ApproximateReceiveCount", 1)))
+        except (TypeError, ValueError):
+            count = 1
+        body = message.get("Body") or ""
         delivery = decode_message(body, queue=queue, handle=(url, message["ReceiptHandle"]), delivery_count=count)
         delivery.extra.update(lease_until=lease_until, message_id=message.get("MessageId"))
         return delivery

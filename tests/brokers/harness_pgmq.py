@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue.brokers.base import Broker
@@ -77,12 +78,14 @@ async def pgmq_harness(url: URL, *, private: bool = False) -> AsyncIterator[Harn
                 msg = "SELECT pgmq.send(CAST(:q AS text), CAST(NULL AS jsonb))"
                 await conn.execute(text(msg), {"q": name})
                 return
-            try:  # a jsonb column holds only JSON: junk that is not JSON goes in as a JSON string
-                json.loads(body)
-                value = body.decode()
-            except ValueError:
-                value = json.dumps(body.decode(errors="replace"))
-            await conn.execute(text("SELECT pgmq.send(CAST(:q AS text), CAST(:m AS jsonb))"), {"q": name, "m": value})
+            # A jsonb column holds only JSON, as Postgres parses it (2,000 nested brackets included,
+            # which Python's json cannot): junk it refuses goes in as a JSON string.
+            send = text("SELECT pgmq.send(CAST(:q AS text), CAST(:m AS jsonb))")
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(send, {"q": name, "m": body.decode()})
+            except (UnicodeDecodeError, DBAPIError):
+                await conn.execute(send, {"q": name, "m": json.dumps(body.decode(errors="replace"))})
 
     async def drop_queues() -> None:
         async with raw.begin() as conn:

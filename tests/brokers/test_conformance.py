@@ -187,6 +187,46 @@ async def test_malformed_message_is_acked_for_good(harness: Harness, body: bytes
     assert await broker.receive([Q], 10, wait) == []
 
 
+#: Forged bodies that must each come back as one ``Delivery(job_id=None, error=...)`` (issue #14).
+#: 2,000 brackets fit the size cap but nest past ``json.loads``'s recursion limit; the second is
+#: valid JSON (a jsonb column, PGMQ, accepts it), the first is not; then bytes that are not
+#: UTF-8, ids of the wrong type, a deep object, a body past the size cap, and no body at all.
+FORGED_BODIES: list[bytes | None] = [
+    b"[" * 2000,
+    b"[" * 2000 + b"]" * 2000,
+    b"\xff\xfejunk",
+    b'{"id": 7, "queue": "default"}',
+    b'{"id": ' * 500 + b"1" + b"}" * 500,
+    b"x" * 5000,
+    None,
+]
+
+
+async def test_forged_deliveries_never_touch_the_good_ones_beside_them(harness: Harness) -> None:
+    """Guarantee 7: each delivery is decoded on its own. Forged bodies published raw between real
+    messages come back as malformed deliveries that can be acked, and every real message comes
+    back on its first read: with a lease longer than the test, nothing read by a receive that
+    failed could come back in time (before the fix one such body failed the whole read)."""
+    broker = await harness.make(lease_seconds=60.0)
+    await broker.ensure([Q])
+    good = messages(3)
+    await broker.publish(good[:2])
+    for body in FORGED_BODIES:
+        await harness.inject_malformed(Q, body)
+    await broker.publish(good[2:])
+    total = len(good) + len(FORGED_BODIES)
+    got = await receive_until(broker, total, 15.0)
+    real = [d for d in got if d.job_id is not None]
+    forged = [d for d in got if d.job_id is None]
+    assert sorted(str(d.job_id) for d in real) == sorted(str(m.job_id) for m in good)
+    assert all(d.delivery_count == 1 and d.error is None for d in real)
+    assert len(forged) == len(FORGED_BODIES)
+    assert all(d.queue == Q and d.error for d in forged), [d.error for d in forged]
+    for d in got:
+        await broker.ack(d)
+    assert await broker.receive([Q], 10, 0.2) == []
+
+
 async def test_ack_many_acks_a_batch_and_respects_ownership(harness: Harness) -> None:
     """The optional batch ack the worker prefers: same meaning as ack, one call."""
     lease = 0.5
