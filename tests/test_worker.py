@@ -210,7 +210,9 @@ async def test_unknown_task_and_unserialisable_result_fail_clearly_and_worker_ke
         await conn.execute(text("UPDATE polyqueue_jobs SET task = 'no_such_task'"))
     bad = await enqueue_one(engine, Note(text="x"), task="unserialisable")
     good = await enqueue_one(engine, Numbers(a=1, b=1))
-    async with running_worker(app, engine):
+    impatient = make_app(unknown_task_grace=0)  # fail an unknown task at once (no rolling-deploy grace)
+    impatient.tasks.update(app.tasks)
+    async with running_worker(impatient, engine):
         await wait_all_terminal(engine, 3)
     s1, _, e1 = await status_of(engine, ghost)
     assert s1 == "failed" and e1[0]["type"] == "UnknownTaskError" and "no_such_task" in str(e1[0]["message"])
