@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.metadata
 import logging
 import os
 import secrets
@@ -28,11 +29,6 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-import redis.asyncio as aioredis
-import redis.exceptions as rex
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from polyqueue.brokers.base import (
     BrokerConfig,
@@ -44,6 +40,27 @@ from polyqueue.brokers.base import (
     encode_message,
 )
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
+
+#: The oldest redis-py this adapter runs on (``ExponentialWithJitterBackoff`` came with 6.0);
+#: the ``redis`` extra in pyproject.toml requires it.
+MIN_REDIS_PY = "6.0"
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as rex
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+except ImportError as _exc:
+    if isinstance(_exc, ModuleNotFoundError) and (_exc.name or "").partition(".")[0] == "redis":
+        raise  # not installed at all: make_broker names the extra
+    try:
+        _installed = importlib.metadata.version("redis")
+    except importlib.metadata.PackageNotFoundError:
+        _installed = "of an unknown version"
+    raise ConfigurationError(
+        f"queue_backend 'redis' needs redis-py >= {MIN_REDIS_PY}, but redis {_installed} is installed "
+        f"({_exc}): pip install 'polyqueue[redis]' (or pip install 'redis>={MIN_REDIS_PY}')"
+    ) from _exc
 
 __all__ = ["RedisBroker"]
 
