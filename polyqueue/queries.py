@@ -3,8 +3,9 @@
 Runtime code (worker, relay, maintenance) talks to Postgres only through these
 functions. Each takes an ``AsyncConnection`` (or session) and runs one statement;
 the caller owns the transaction. Guards live in the WHERE clauses: a worker only
-finishes an attempt it still owns (DESIGN.md §1.3), and a rescuer re-checks state
-in the same statement that changes it (DESIGN.md §6).
+finishes an attempt it still owns (docs/guarantees.md §3), and a rescuer re-checks state
+in the same statement that changes it (rescue by liveness: a time-based rescuer re-ran
+long jobs that were still running, and overwrote jobs that completed meanwhile, at River).
 """
 
 from __future__ import annotations

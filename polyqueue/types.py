@@ -14,7 +14,7 @@ __all__ = ["LIVE_STATUSES", "TERMINAL_STATUSES", "JobStatus", "TimeoutStrategy",
 
 
 class JobStatus(enum.StrEnum):
-    """The states of a job (DESIGN.md §2).
+    """The states of a job (docs/concepts.md).
 
     ``pending`` → ``enqueued`` (broker modes only) → ``running`` →
     ``succeeded`` | ``failed`` | ``cancelled``. A retry sets ``pending`` again.

@@ -1,6 +1,6 @@
 """Persists outcomes in batches: one UPDATE for up to ``batch_size`` completions,
 flushed when the batch is full or ``flush_interval`` after its first entry
-(DESIGN.md §6: River's completer, about 4.5x throughput)."""
+(River's completer measured about 4.5x throughput from batching)."""
 
 from __future__ import annotations
 
