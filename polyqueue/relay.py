@@ -37,6 +37,7 @@ from polyqueue.queries import (
     job_mark_enqueued,
     job_take_for_dispatch,
 )
+from polyqueue.retry import Backoff
 from polyqueue.settings import Settings
 
 __all__ = ["Relay", "ensure_queues"]
@@ -49,20 +50,30 @@ STOP_GRACE = 5.0
 HELD_BACK_POLL = 0.25
 #: Longest a relay goes on its own estimate of the room under ``relay_max_enqueued`` (see ``Relay._room``).
 RECOUNT_AFTER = 1.0
+#: First wait after a failed publish (or database error, or ``ensure``) while the broker is down.
+RETRY_FIRST = 0.25
+#: Longest wait between retries. It bounds how long a backlog waits once the broker is back: with
+#: a 30 s cap, jobs committed during an outage waited up to 15 s more after Redis returned. One
+#: retry a second costs a down broker nothing (a refused connect), so there is no reason to wait longer.
+RETRY_CAP = 1.0
+#: The retry delays: doubling from ``RETRY_FIRST`` to ``RETRY_CAP``, with equal jitter (so relays
+#: and workers that failed together do not all come back in the same instant).
+RETRY_BACKOFF = Backoff(base=RETRY_FIRST, factor=2.0, maximum=RETRY_CAP)
 
 
 async def ensure_queues(broker: Broker, queues: Sequence[str], stopping: asyncio.Event) -> None:
     """Create the broker's queues, retrying while the broker is down: a worker or relay that
     starts during a broker outage runs meanwhile (its receives and publishes retry too)."""
-    delay = 0.5
+    failures = 0
     while not stopping.is_set():
         try:
             await broker.ensure(queues)
             return
         except BrokerError as exc:
+            failures += 1
+            delay = RETRY_BACKOFF.delay(failures)
             log.error("broker %s unreachable (%s); retrying in %.1fs", broker.name, exc, delay)
             await wait_any(stopping, seconds=delay)
-            delay = min(delay * 2, 30.0)
 
 
 class Relay:
@@ -166,30 +177,32 @@ class Relay:
         """Publish until ``stopping`` is set, waking on NOTIFY and polling as a fallback."""
         if self.listener is not None:
             self.listener.subscribe(NEW_JOB_CHANNEL, self._on_notify)
-        backoff = 0.5
+        failures = 0  # in a row; the wait after each grows to RETRY_CAP
         try:
             while not stopping.is_set():
                 self._wakeup.clear()
                 try:
                     count = await self._once_unless_stopped(stopping)
-                    backoff = 0.5
                 except BrokerError as exc:
+                    failures += 1
+                    delay = RETRY_BACKOFF.delay(failures)
                     log.error(
                         "relay: publishing to %s failed (%s); jobs stay pending, retrying in %.1fs",
                         self.broker.name,
                         exc,  # adapters never put URLs (or secrets) in their errors
-                        backoff,
+                        delay,
                     )
-                    await wait_any(stopping, seconds=backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    await wait_any(stopping, seconds=delay)
                     continue
                 except Exception as exc:
-                    log.error("relay: database error (%s); retrying in %.1fs", exc, backoff)
-                    await wait_any(stopping, seconds=backoff)
-                    backoff = min(backoff * 2, 30.0)
+                    failures += 1
+                    delay = RETRY_BACKOFF.delay(failures)
+                    log.error("relay: database error (%s); retrying in %.1fs", exc, delay)
+                    await wait_any(stopping, seconds=delay)
                     continue
-                if count >= self.batch_size:
-                    continue  # more may be waiting
+                recovered, failures = failures > 0, 0
+                if count >= self.batch_size or (recovered and count):
+                    continue  # more may be waiting; after an outage, go straight on with the backlog
                 wait = min(self.poll_interval, HELD_BACK_POLL) if self.held_back else self.poll_interval
                 await wait_any(stopping, self._wakeup, seconds=wait)
         finally:

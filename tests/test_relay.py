@@ -7,17 +7,23 @@ run on the Service Bus test peer re-dispatched the backlog every 3 s and never w
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from pathlib import Path
 
+import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import Polyqueue, enqueue_many
 from polyqueue.brokers.memory import MemoryBroker
+from polyqueue.brokers.redis import RedisBroker
 from polyqueue.queries import job_claim_by_ids
-from polyqueue.relay import Relay
+from polyqueue.relay import RETRY_CAP, Relay
 from tests.apps.effects import Effect
-from tests.helpers import create_effect_tables, rows
+from tests.helpers import create_effect_tables, rows, wait_until
+from tests.redis_service import RedisServer, redis_server_exe
 from tests.services import url_str
 
 
@@ -50,7 +56,7 @@ async def test_a_queue_gets_no_more_than_max_enqueued_the_rest_wait_pending_in_p
     # A worker takes 25 of them: room for 25 more, and no more.
     got = await broker.receive(["busy"], 25, 1.0)
     async with engine.begin() as conn:
-        claimed = await job_claim_by_ids(conn, uuid.uuid4(), [d.job_id for d in got if d.job_id])
+        claimed = await job_claim_by_ids(conn, uuid.uuid4(), [d.job_id for d in got if d.job_id], ["busy"])
     assert len(claimed) == 25
     while await relay.run_once():
         pass
@@ -68,3 +74,70 @@ async def test_zero_means_no_limit(engine: AsyncEngine, db_url: URL) -> None:
         pass
     assert await _by_status(engine) == {("default", "enqueued"): 50}
     assert not relay.held_back
+
+
+class _FailureCounter(logging.Handler):
+    """Counts the relay's "publishing ... failed" records; ``reached`` is set at ``target``."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.target = target
+        self.reached = asyncio.Event()  # set from the relay's own task, on the test's loop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "publishing to" in record.getMessage():
+            self.count += 1
+            if self.count >= self.target:
+                self.reached.set()
+
+
+async def test_after_a_redis_outage_the_backlog_is_published_within_the_retry_cap(
+    engine: AsyncEngine, db_url: URL, tmp_path: Path
+) -> None:
+    """Issue #14: the relay's retry wait doubled to 30 s, so a backlog committed during a Redis
+    outage waited up to 15 s more once Redis was back. Now the wait is capped at ``RETRY_CAP``:
+    after many failed publishes (6: the old wait would have grown to 16 s), a restarted
+    redis-server gets the whole backlog within about one cap."""
+    exe = redis_server_exe()
+    if exe is None:
+        pytest.skip("no redis-server on PATH: this test stops and restarts one of its own")
+    server = RedisServer(exe, tmp_path / "redis")
+    await server.start()
+    app = Polyqueue(
+        database_url=url_str(db_url), queue_backend="redis", broker_url=server.url, poll_interval=30.0
+    )  # a long poll interval: only the retry loop (or a NOTIFY, none here) may wake the relay
+    broker = RedisBroker(server.url)
+    relay = Relay(engine, broker, None, app.settings)
+    failures = _FailureCounter(target=6)
+    logging.getLogger("polyqueue.relay").addHandler(failures)
+    stopping = asyncio.Event()
+    task: asyncio.Task[None] | None = None
+    try:
+        await broker.ensure(["default"])
+        await server.stop()
+        await create_effect_tables(engine)
+        async with AsyncSession(engine) as s, s.begin():
+            await enqueue_many(s, [Effect(n=i) for i in range(50)])
+        task = asyncio.create_task(relay.run(stopping))
+        # the longest the 6 failures may take: each publish attempt plus at most RETRY_CAP after it
+        await asyncio.wait_for(failures.reached.wait(), 6 * (RETRY_CAP + 5.0))
+        assert await _by_status(engine) == {("default", "pending"): 50}
+        await server.start()
+        loop = asyncio.get_running_loop()
+        back = loop.time()
+        bound = RETRY_CAP + 5.0  # one wait of at most the cap, then a reconnect and one publish: seconds spare
+
+        async def all_enqueued() -> bool:
+            return await _by_status(engine) == {("default", "enqueued"): 50}
+
+        await wait_until(all_enqueued, timeout=bound, what=f"the backlog published within {bound:.0f}s of Redis")
+        assert loop.time() - back < bound
+    finally:
+        stopping.set()
+        if task is not None:
+            await task
+        logging.getLogger("polyqueue.relay").removeHandler(failures)
+        await broker.close()
+        await server.stop()
+    assert failures.count >= 6
