@@ -53,6 +53,8 @@ from tests.owned_postgres import OwnedPostgres
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.apps.chaos:app"
 LEASE = 2.0
+#: Lines of a process's stderr printed with a failed run (each whole file stays in the run's directory).
+STDERR_TAIL_LINES = 40
 SETTINGS = {
     "POLYQUEUE_POLL_INTERVAL": "0.2",
     "POLYQUEUE_HEARTBEAT_INTERVAL": "0.2",
@@ -98,14 +100,39 @@ class Fleet:
         self.relays: list[subprocess.Popen[bytes]] = []
         self.stopped: set[int] = set()
         self.hung: list[str] = []  # did not stop within 30 s of SIGTERM
+        self.stderr: dict[int, Path] = {}  # pid -> its stderr file
 
     def _spawn(self, kind: str, args: list[str]) -> subprocess.Popen[bytes]:
         procs = self.workers if kind == "worker" else self.relays
         cmd = [sys.executable, "-m", "polyqueue.cli", kind, APP, *args]
-        with open(self.log_dir / f"{kind}-{len(procs)}.log", "wb") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        name = f"{kind}-{len(procs)}"
+        err = self.log_dir / f"{name}.stderr"  # a file per process, kept: a crash's reason is in it
+        with open(self.log_dir / f"{name}.stdout", "wb") as out, open(err, "wb") as errors:  # the child keeps copies
+            proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=out, stderr=errors)
         procs.append(proc)
+        self.stderr[proc.pid] = err
         return proc
+
+    def _describe(self, p: subprocess.Popen[bytes]) -> str:
+        return f"{' '.join(map(str, p.args[3:5]))} (pid {p.pid})"  # type: ignore[index]
+
+    def stderr_tail(self, p: subprocess.Popen[bytes], lines: int = STDERR_TAIL_LINES) -> str:
+        """The last ``lines`` lines of the process's stderr, and where the whole of it is."""
+        path = self.stderr.get(p.pid)
+        if path is None:
+            return "(no stderr file)"
+        try:
+            text_ = path.read_text(errors="replace")
+        except OSError as exc:
+            return f"({path}: {exc})"
+        tail = text_.splitlines()[-lines:]
+        return f"stderr {path} (last {len(tail)} lines):\n" + "\n".join(f"    | {line}" for line in tail)
+
+    def stderr_tails(self) -> str:
+        """Every process's exit status and stderr tail, for a failed run."""
+        return "\n".join(
+            f"{self._describe(p)} exit {p.returncode}: {self.stderr_tail(p)}" for p in (*self.workers, *self.relays)
+        )
 
     def spawn_worker(self) -> None:
         self._spawn("worker", ["--no-relay"] if self.relayed else [])
@@ -128,7 +155,7 @@ class Fleet:
     def crashed(self) -> list[str]:
         """Processes that exited on their own with an error (not killed, not stopped by us)."""
         return self.hung + [
-            f"{' '.join(map(str, p.args[3:5]))} (pid {p.pid}) exited {p.returncode} on its own"  # type: ignore[index]
+            f"{self._describe(p)} exited {p.returncode} on its own; {self.stderr_tail(p)}"
             for p in (*self.workers, *self.relays)
             if p.returncode not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)
         ]
@@ -144,7 +171,7 @@ class Fleet:
             try:
                 p.wait(30)
             except subprocess.TimeoutExpired:
-                self.hung.append(f"{' '.join(map(str, p.args[3:5]))} (pid {p.pid}) ignored SIGTERM for 30 s")  # type: ignore[index]
+                self.hung.append(f"{self._describe(p)} ignored SIGTERM for 30 s; {self.stderr_tail(p)}")
                 p.kill()
                 p.wait()
 
@@ -424,6 +451,8 @@ async def run(
     finally:
         if fleet is not None:
             fleet.stop_all()
+            if books.violations or sys.exc_info()[0] is not None:  # pytest shows what a failed test printed
+                print(f"chaos: {broker_name}: processes and their stderr (all logs in {tmp}):\n{fleet.stderr_tails()}")
         await engine.dispose()
         if postgres is not None:
             await postgres.stop()
