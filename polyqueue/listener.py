@@ -2,6 +2,12 @@
 
 NOTIFY only shortens waits: every loop that listens also polls, because a
 connection can drop (and pgbouncer in transaction mode never delivers LISTEN).
+
+Under transaction pooling (``pool_mode = "transaction"``) LISTEN through the pooler is
+useless: the session that ran it goes to other clients between transactions. With a
+``direct_url`` (``listen_database_url``, straight to Postgres) the listener keeps its one
+connection there, from a one-connection engine of its own; without one it listens to
+nothing, and every subscriber finds new work by its polling (``poll_interval``).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from polyqueue.db import make_engine, mask_url
 
 __all__ = ["Listener"]
 
@@ -39,12 +47,20 @@ class Listener:
         self._engine = engine
         self._direct_url = direct_url
         self._transaction_pooling = transaction_pooling
+        self._listen_engine: AsyncEngine | None = None  # direct_url's, made on start
         self._callbacks: dict[str, list[Callback]] = defaultdict(list)
         self._conn: AsyncConnection | None = None
         self._raw: Any = None
         self._task: asyncio.Task[None] | None = None
         self._reconnect_interval = reconnect_interval
+        #: Set while notifications can arrive, and at once in :attr:`polling_only` mode (there is
+        #: nothing to wait for there), so nothing ever waits on it forever.
         self.connected = asyncio.Event()
+
+    @property
+    def polling_only(self) -> bool:
+        """Transaction pooling and no direct URL: no LISTEN at all, subscribers rely on polling."""
+        return self._transaction_pooling and not self._direct_url
 
     def subscribe(self, channel: str, callback: Callback) -> None:
         """Call ``callback(payload)`` on every notification of ``channel`` (from the next connect on)."""
@@ -65,12 +81,19 @@ class Listener:
                 log.exception("notification callback for %s failed", channel)
 
     async def start(self) -> None:
-        """Connect and keep the connection up in the background."""
+        """Connect and keep the connection up in the background (nothing, when :attr:`polling_only`)."""
+        if self.polling_only:
+            log.info("transaction pooling and no listen_database_url: no LISTEN, every loop polls")
+            self.connected.set()
+            return
+        if self._direct_url and self._listen_engine is None:
+            self._listen_engine = make_engine(self._direct_url, pool_size=1, max_overflow=0)
+            log.info("listening on %s (listen_database_url)", mask_url(self._direct_url))
         await self._connect()
         self._task = asyncio.create_task(self._watch(), name="polyqueue-listener")
 
     async def _connect(self) -> None:
-        conn = await self._engine.connect()
+        conn = await (self._listen_engine or self._engine).connect()
         try:
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
@@ -123,3 +146,8 @@ class Listener:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
+        engine, self._listen_engine = self._listen_engine, None
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                await engine.dispose()
+        self.connected.clear()

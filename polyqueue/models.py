@@ -1,4 +1,4 @@
-"""Declarative SQLAlchemy models of polyqueue's two tables. No logic lives here.
+"""Declarative SQLAlchemy models of polyqueue's tables. No logic lives here.
 
 They use their own ``MetaData`` (``polyqueue.models.metadata``) so that a user's
 project can pass it to Alembic beside its own (``target_metadata=[mine,
@@ -27,9 +27,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from polyqueue.types import LIVE_STATUSES, JobStatus, TimeoutStrategy, WorkerStatus, new_job_id
 
-__all__ = ["Base", "Job", "Worker", "metadata"]
+__all__ = ["Base", "Job", "Leader", "Worker", "metadata"]
 
-#: The ``MetaData`` of polyqueue's two tables (exported as ``polyqueue.polyqueue_metadata``):
+#: The ``MetaData`` of polyqueue's tables (exported as ``polyqueue.polyqueue_metadata``):
 #: add it to your Alembic ``target_metadata`` list beside your own.
 metadata = MetaData(
     naming_convention={
@@ -153,3 +153,21 @@ class Worker(Base):
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.hostname}:{self.pid} {self.status}>"
+
+
+class Leader(Base):
+    """One lease row per elected role (``maintenance``): who holds it, until when (database time).
+
+    Taken and renewed by one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE`` the lease expired or
+    is already the caller's (polyqueue/maintenance/service.py); no session state, so it works
+    through pgbouncer in transaction mode, unlike a session advisory lock.
+    """
+
+    __tablename__ = "polyqueue_leader"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"<Leader {self.name} {self.holder} until {self.expires_at}>"

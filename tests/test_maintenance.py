@@ -1,5 +1,5 @@
 """Maintenance against a real Postgres: rescue by liveness, the timeout backstop,
-re-dispatch of lost deliveries, pruning, one leader at a time."""
+re-dispatch of lost deliveries, pruning, one leader at a time (a lease row)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import enqueue
-from polyqueue.maintenance.service import Maintenance
+from polyqueue.maintenance.service import Maintenance, lease_ttl
 from polyqueue.queries import job_claim_pending, worker_register
 from tests.helpers import make_app, rows, scalar
 
@@ -150,9 +150,29 @@ async def test_only_one_leader_at_a_time(engine: AsyncEngine) -> None:
     await b._resign()
 
 
+async def test_a_frozen_leader_loses_the_lease_once_it_expires(engine: AsyncEngine) -> None:
+    """The lease lasts lease_ttl after each renewal; a leader that stops renewing (frozen, killed)
+    is replaced once it expires, and learns it no longer leads at its next attempt."""
+    a, b = Maintenance(engine, app.settings), Maintenance(engine, app.settings)
+    assert await a._try_lead() is True
+    left = await scalar(engine, "SELECT extract(epoch FROM expires_at - now()) FROM polyqueue_leader")
+    assert 0 < left <= lease_ttl(app.settings) == max(app.settings.worker_dead_after, 3 * 0.2)
+    assert await b._try_lead() is False
+    async with engine.begin() as conn:  # a froze for lease_ttl: its lease ran out
+        await conn.execute(text("UPDATE polyqueue_leader SET expires_at = now() - interval '1 second'"))
+    assert await b._try_lead() is True
+    assert await a._try_lead() is False
+    assert (a.is_leader, b.is_leader) == (False, True)
+    await a._resign()  # the late resignation of a former leader deletes nothing of the new one's
+    assert await scalar(engine, "SELECT holder FROM polyqueue_leader") == b.holder
+    await b._resign()
+    assert await scalar(engine, "SELECT count(*) FROM polyqueue_leader") == 0
+
+
 async def test_leadership_never_leaves_its_idle_timeout_on_a_pooled_connection(engine: AsyncEngine) -> None:
-    """The leader's session has idle_session_timeout (so a frozen leader loses the lock); a pooled
-    connection carrying it was cut off under a worker idling on it (found by the chaos runner)."""
+    """The advisory-lock leader once set idle_session_timeout on its session (so a frozen leader lost
+    the lock); a pooled connection carrying it was cut off under a worker idling on it (found by the
+    chaos runner). The lease needs no session state at all."""
     a, b = Maintenance(engine, app.settings), Maintenance(engine, app.settings)
     assert await a._try_lead() is True
     assert await b._try_lead() is False  # the loser's connection goes back to the pool

@@ -32,7 +32,7 @@ from polyqueue.types import LIVE_STATUSES, JobStatus, TimeoutStrategy, WorkerSta
 from tests import services
 
 REPO = Path(polyqueue.migrations.__file__).resolve().parents[2]
-POLYQUEUE_TABLES = {"polyqueue_jobs", "polyqueue_workers"}
+POLYQUEUE_TABLES = {"polyqueue_jobs", "polyqueue_workers", "polyqueue_leader"}
 HEADS = sorted(ScriptDirectory(str(Path(VERSION_LOCATION).parent)).get_heads())
 
 
@@ -345,15 +345,16 @@ _CATALOGUE = {
                pg_get_expr(d.adbin, d.adrelid)
         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-        WHERE c.relname IN ('polyqueue_jobs', 'polyqueue_workers') AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE c.relname IN ('polyqueue_jobs', 'polyqueue_workers', 'polyqueue_leader')
+          AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY 1, 2""",
     "constraints": """
         SELECT conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid)
-        FROM pg_constraint WHERE conrelid::regclass::text IN ('polyqueue_jobs', 'polyqueue_workers')
+        FROM pg_constraint WHERE conrelid::regclass::text IN ('polyqueue_jobs', 'polyqueue_workers', 'polyqueue_leader')
         ORDER BY 1, 2""",
     "indexes": """
         SELECT tablename, indexname, indexdef FROM pg_indexes
-        WHERE tablename IN ('polyqueue_jobs', 'polyqueue_workers') ORDER BY 1, 2""",
+        WHERE tablename IN ('polyqueue_jobs', 'polyqueue_workers', 'polyqueue_leader') ORDER BY 1, 2""",
     "triggers": """
         SELECT tgrelid::regclass::text, tgname FROM pg_trigger
         WHERE tgrelid::regclass::text LIKE 'polyqueue%' ORDER BY 1, 2""",
@@ -413,6 +414,7 @@ async def test_upgrade_sql_is_a_complete_script(db: URL, db_engine: AsyncEngine)
     sql = upgrade_sql()
     assert "CREATE TABLE polyqueue_jobs" in sql
     assert "CREATE TABLE polyqueue_workers" in sql
+    assert "CREATE TABLE polyqueue_leader" in sql
     assert "fillfactor = 80" in sql
     assert f"CREATE TABLE {VERSION_TABLE}" in sql
     assert "CREATE TABLE alembic_version" not in sql

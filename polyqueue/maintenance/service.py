@@ -1,6 +1,20 @@
-"""The maintenance loop: one leader at a time (a session advisory lock), each pass
-running the services' ``run_once`` — rescue, re-dispatch, prune, and the app's periodic
-jobs (``scheduler``)."""
+"""The maintenance loop: one leader at a time (a lease row in ``polyqueue_leader``), each
+pass running the services' ``run_once`` — rescue, re-dispatch, prune, and the app's
+periodic jobs (``scheduler``).
+
+Leadership is a lease, in every pool mode: one ``INSERT ... ON CONFLICT DO UPDATE`` takes
+the row when it is free or expired and renews it when it is already ours, with database
+time on both sides (no clock skew between hosts). It keeps no session state and holds no
+connection, so it survives pgbouncer in transaction mode, where a session advisory lock
+does not (the session that took it is handed to other clients), and it leaves nothing on
+a connection going back to the application's pool. A leader that freezes (SIGSTOP, a
+blocked event loop) or dies stops renewing and loses the lease ``lease_ttl`` seconds after
+its last renewal; one that stops cleanly deletes the row, and the next pass of another
+process takes over. Two leaders for a moment (a frozen one waking up before it notices)
+are harmless: every maintenance statement is safe to run concurrently (rescue re-checks
+ownership in its ``WHERE``, schedules enqueue under unique keys, prune deletes what is
+there).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +22,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._aio import wait_any
 from polyqueue.maintenance.scheduler import Scheduler
@@ -20,12 +37,32 @@ from polyqueue.queries import job_count_live, job_prune, job_redispatch_stale, j
 from polyqueue.registry import Polyqueue
 from polyqueue.settings import Settings
 
-__all__ = ["LEADER_LOCK_KEY", "Maintenance", "MaintenanceResult"]
+__all__ = ["LEADER_NAME", "Maintenance", "MaintenanceResult", "lease_ttl"]
 
 log = logging.getLogger("polyqueue.maintenance")
 
-#: pg advisory lock key of the maintenance leader ("polyqueu" in ASCII).
-LEADER_LOCK_KEY = 0x706F6C7971756575
+#: The ``polyqueue_leader`` row of the maintenance leader.
+LEADER_NAME = "maintenance"
+
+# Take the lease when it is free or expired, renew it when it is ours; no row back: someone
+# else holds it. Database time only, so hosts with skewed clocks agree on who leads.
+_LEADER_TAKE = text(
+    """
+    INSERT INTO polyqueue_leader (name, holder, expires_at)
+    VALUES (:name, :holder, now() + make_interval(secs => :ttl))
+    ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE polyqueue_leader.expires_at < now() OR polyqueue_leader.holder = excluded.holder
+    RETURNING holder
+    """
+)
+_LEADER_RESIGN = text("DELETE FROM polyqueue_leader WHERE name = :name AND holder = :holder")
+
+
+def lease_ttl(settings: Settings) -> float:
+    """Seconds a leader's lease lasts after each renewal: a frozen or dead leader is replaced
+    this long after its last pass. Three passes, and never less than ``worker_dead_after`` (a
+    leader is at least as alive as the workers it judges)."""
+    return max(settings.worker_dead_after, 3 * settings.maintenance_interval)
 
 
 @dataclass
@@ -39,7 +76,7 @@ class MaintenanceResult:
 
 
 class Maintenance:
-    """Runs maintenance passes while this process holds the leader lock."""
+    """Runs maintenance passes while this process holds the leader lease."""
 
     def __init__(
         self,
@@ -53,12 +90,16 @@ class Maintenance:
         self.scheduler = Scheduler(app) if app is not None else None
         self.settings = settings
         self.metrics = metrics or GuardedMetrics(None)
-        self._leader_conn: AsyncConnection | None = None
+        #: Who this process is in ``polyqueue_leader.holder``: host, pid and a unique suffix.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._leading = False
+        self._ever_led = False
         self._reported_depth: set[tuple[str, str]] = set()
 
     @property
     def is_leader(self) -> bool:
-        return self._leader_conn is not None
+        """Whether the last attempt to take or renew the lease succeeded."""
+        return self._leading
 
     async def run_once(self) -> MaintenanceResult:
         """One pass, leader or not (tests and ``polyqueue admin`` call it directly)."""
@@ -90,44 +131,32 @@ class Maintenance:
         return result
 
     async def _try_lead(self) -> bool:
-        if self._leader_conn is not None:
-            try:
-                await self._leader_conn.execute(text("SELECT 1"))  # keeps the session from idling out
-                return True
-            except Exception as exc:
-                log.warning("lost the maintenance leader connection: %s", exc)
-                await self._resign()
-        conn = await self.engine.connect()
+        """Take or renew the lease; whether this process leads until the next attempt."""
+        params = {"name": LEADER_NAME, "holder": self.holder, "ttl": lease_ttl(self.settings)}
         try:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            got = await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": LEADER_LOCK_KEY})
-            if got:
-                # A leader frozen longer than this (SIGSTOP, a blocked event loop) has its session
-                # ended by Postgres, which frees the lock for a live worker. Postgres 14+. Set only
-                # on the leader's session, which never goes back to the pool (see _resign): a pooled
-                # connection carrying it would be cut off under whoever idles on it next.
-                idle_ms = int(1000 * max(self.settings.worker_dead_after, 3 * self.settings.maintenance_interval))
-                try:
-                    await conn.execute(text(f"SET idle_session_timeout = {idle_ms}"))
-                except Exception:  # Postgres 13: no such setting; leadership then ends only with the connection
-                    await conn.rollback()
+            async with self.engine.begin() as conn:
+                won = (await conn.execute(_LEADER_TAKE, params)).first() is not None
         except BaseException:
-            await conn.invalidate()
+            self._leading = False  # unknown: the next attempt says
             raise
-        if got:
-            self._leader_conn = conn
+        if won and not self._leading:
             log.info("this process now leads maintenance")
-            return True
-        await conn.close()
-        return False
+        elif self._leading and not won:
+            log.warning("lost the maintenance lease: it expired before this process renewed it")
+        self._leading = won
+        self._ever_led = self._ever_led or won
+        return won
 
     async def _resign(self) -> None:
-        conn, self._leader_conn = self._leader_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LEADER_LOCK_KEY})
-            with contextlib.suppress(Exception):
-                await conn.invalidate()  # closed, not pooled: its session carries idle_session_timeout
+        """Give the lease up at once (the next process need not wait for it to expire)."""
+        self._leading = False
+        if not self._ever_led:  # else delete whatever is ours: a renewal that failed may have written it
+            return
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(_LEADER_RESIGN, {"name": LEADER_NAME, "holder": self.holder})
+        except Exception as exc:  # it expires by itself
+            log.warning("could not give up the maintenance lease (it expires by itself): %s", exc)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Every ``maintenance_interval``: if leader (or once leadership is won), run a pass."""
@@ -138,7 +167,17 @@ class Maintenance:
                         await self.run_once()
                 except Exception as exc:
                     log.warning("maintenance pass failed: %s", exc)
-                    await self._resign()
                 await wait_any(stopping, seconds=self.settings.maintenance_interval)
         finally:
-            await self._resign()
+            await self._resign_even_if_cancelled()
+
+    async def _resign_even_if_cancelled(self) -> None:
+        """The worker sets ``stopping`` and cancels this loop moments later: a cancel must not cut the
+        resignation short (the next leader would wait ``lease_ttl`` for nothing). Bounded at 5 s."""
+        resigning = asyncio.ensure_future(self._resign())
+        try:
+            await asyncio.shield(resigning)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(resigning, 5)
+            raise
