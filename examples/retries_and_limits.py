@@ -76,7 +76,7 @@ async def slow_fail(payload: Sleep) -> str:
 
 async def main() -> None:
     # POLYQUEUE_DATABASE_URL, else the embedded Postgres.
-    engine = make_engine(database_url(app.settings.database_url, app.settings.embedded_dir))
+    engine = make_engine(database_url(app.settings.database_url, app.settings.embedded_dir, embedded_by_default=True))
     await upgrade(engine)
     async with AsyncSession(engine) as session, session.begin():
         jobs = {

@@ -10,13 +10,32 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
+from pydantic import SecretStr
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from polyqueue._redact import mask_secrets
 from polyqueue.errors import ConfigurationError
+from polyqueue.settings import EMBEDDED, secret_value
 
-__all__ = ["asyncpg_url", "database_url", "make_engine", "mask_url", "unreachable", "while_unreachable"]
+__all__ = [
+    "NO_DATABASE",
+    "TABLES",
+    "UPGRADE_HINT",
+    "asyncpg_url",
+    "database_url",
+    "is_embedded",
+    "make_engine",
+    "mask_url",
+    "missing_tables",
+    "not_migrated",
+    "require_tables",
+    "undefined_polyqueue_table",
+    "unreachable",
+    "while_unreachable",
+]
 
 log = logging.getLogger("polyqueue.db")
 
@@ -72,13 +91,81 @@ def mask_url(url: str | URL) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
-def database_url(configured: str | None, embedded_dir: str) -> str:
-    """The configured URL, or the embedded default's (started on demand) when none is set."""
-    if configured:
-        return configured
+#: Why a program without a database URL refuses to start (one line, naming the setting).
+NO_DATABASE = (
+    "no database configured: set POLYQUEUE_DATABASE_URL (or Settings.database_url) to your Postgres URL; "
+    "POLYQUEUE_DATABASE_URL=embedded asks for a private embedded Postgres under embedded_dir"
+)
+
+
+def is_embedded(configured: SecretStr | str | None) -> bool:
+    """Whether ``configured`` asks for the embedded Postgres explicitly (``database_url="embedded"``)."""
+    value = secret_value(configured)
+    return value is not None and value.strip().lower() == EMBEDDED
+
+
+def database_url(configured: SecretStr | str | None, embedded_dir: str, *, embedded_by_default: bool = False) -> str:
+    """The URL to connect to: the configured one; the embedded Postgres's (started on demand)
+    when ``configured`` is ``"embedded"``, or when it is unset and ``embedded_by_default`` (the
+    demo, dev.py, the examples and the tests); else ``ConfigurationError`` naming the setting:
+    a worker that silently serves a private empty database is a production trap."""
+    value = secret_value(configured)
+    if value and not is_embedded(value):
+        return value
+    if not value and not embedded_by_default:
+        raise ConfigurationError(NO_DATABASE)
     from polyqueue.embedded import start_embedded
 
     return start_embedded(embedded_dir)
+
+
+# -- is polyqueue's schema there? ------------------------------------------------------------------
+
+#: polyqueue's tables, which its migrations create.
+TABLES = ("polyqueue_jobs", "polyqueue_workers")
+#: What to run when they are missing.
+UPGRADE_HINT = (
+    "run `polyqueue db upgrade` (or `alembic upgrade heads`, with polyqueue's revisions in your Alembic history)"
+)
+_UNDEFINED_TABLE = "42P01"
+
+
+def not_migrated(where: str) -> ConfigurationError:
+    """The error for a database without polyqueue's tables; ``where`` names it (a masked URL)."""
+    return ConfigurationError(f"{where} has no polyqueue tables: {UPGRADE_HINT} first")
+
+
+async def missing_tables(conn: AsyncConnection) -> list[str]:
+    """Those of :data:`TABLES` that ``conn``'s database lacks (as its ``search_path`` resolves names)."""
+    result = await conn.execute(
+        text("SELECT t FROM unnest(CAST(:names AS text[])) AS t WHERE to_regclass(t) IS NULL ORDER BY t"),
+        {"names": list(TABLES)},
+    )
+    return [row[0] for row in result]
+
+
+async def require_tables(engine: AsyncEngine, *, wait: float = 0.0) -> None:
+    """``ConfigurationError`` (saying how to migrate) unless polyqueue's tables exist; while the
+    database is unreachable, retry for up to ``wait`` seconds first. Workers and relays call it
+    once at start, so an unmigrated database is one clear line, not a ``ProgrammingError`` later."""
+
+    async def look() -> list[str]:
+        async with engine.connect() as conn:
+            return await missing_tables(conn)
+
+    where = mask_url(engine.url)
+    if await while_unreachable(look, wait=wait, what=f"checking {where}"):
+        raise not_migrated(where)
+
+
+def undefined_polyqueue_table(exc: BaseException) -> bool:
+    """Whether ``exc`` is Postgres's ``undefined_table`` (SQLSTATE 42P01) naming a polyqueue table:
+    a statement of polyqueue's ran on a database that was never migrated."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    causes = [orig, getattr(orig, "__cause__", None)]
+    if not any(getattr(c, "sqlstate", None) == _UNDEFINED_TABLE for c in causes if c is not None):
+        return False
+    return 'relation "polyqueue_' in str(orig)
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -122,7 +209,9 @@ async def while_unreachable(op: Callable[[], Awaitable[T]], *, wait: float, what
             remaining = deadline - time.monotonic()
             if not unreachable(exc) or remaining <= 0:
                 raise
-            log.warning("%s: database unreachable (%s); retrying for up to %.0f s", what, _first_line(exc), wait)
+            log.warning(
+                "%s: database unreachable (%s); retrying for up to %.0f s", what, mask_secrets(_first_line(exc)), wait
+            )
             await asyncio.sleep(min(delay, remaining))  # the last try is at the deadline, not before it
             delay = min(delay * 2, 2.0)
 

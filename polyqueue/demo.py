@@ -33,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from polyqueue.brokers import make_broker
 from polyqueue.context import JobContext
-from polyqueue.db import make_engine
+from polyqueue.db import make_engine, missing_tables
 from polyqueue.enqueue import enqueue
 from polyqueue.errors import ConfigurationError, JobFailedError, PayloadError
 from polyqueue.migrations import upgrade
@@ -41,7 +41,7 @@ from polyqueue.models import Job
 from polyqueue.registry import Polyqueue
 from polyqueue.results import get_job_result_typed, get_job_result_typed_via_registry, wait_for_result
 from polyqueue.retry import Backoff
-from polyqueue.settings import Settings
+from polyqueue.settings import Settings, secret_value
 from polyqueue.worker.runtime import Worker
 
 __all__ = ["DEMO_QUEUE", "build_app", "run_demo"]
@@ -140,7 +140,7 @@ async def _prepare(engine: AsyncEngine) -> None:
     except ConfigurationError:
         # polyqueue's tables are managed by the user's own Alembic history: use them as they are.
         async with engine.connect() as conn:
-            if (await conn.execute(text("SELECT to_regclass('polyqueue_jobs')"))).scalar() is None:
+            if await missing_tables(conn):
                 raise
     async with engine.begin() as conn:
         await conn.run_sync(_DemoBase.metadata.create_all)
@@ -287,11 +287,12 @@ def _table(rows: list[tuple[_Case, str, int, str]], backend: str) -> Table:
 
 async def run_demo(settings: Settings, console: Console, *, timeout: float = 60.0) -> bool:
     """Run the demo against ``settings.database_url``; True when every outcome is the expected one."""
-    assert settings.database_url, "the CLI resolves the URL (configured or embedded) first"
+    url = secret_value(settings.database_url)
+    assert url, "the CLI resolves the URL (configured or embedded) first"
     began = time.monotonic()
     app = build_app(settings.model_copy(update={"poll_interval": 0.1}))
     backend = "memory" if app.settings.queue_backend == "none" else app.settings.queue_backend
-    engine = make_engine(settings.database_url, pool_size=10)
+    engine = make_engine(url, pool_size=10)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     try:
         await _prepare(engine)

@@ -14,12 +14,15 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json, to_jsonable_python
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from polyqueue.db import not_migrated, undefined_polyqueue_table
 from polyqueue.errors import PayloadError
 from polyqueue.models import Job
 from polyqueue.queries import NEW_JOB_CHANNEL
 from polyqueue.registry import TaskSpec, all_tasks, resolve_task
+from polyqueue.settings import queue_name_problem
 from polyqueue.types import LIVE_STATUSES, TimeoutStrategy, new_job_id
 
 __all__ = ["enqueue", "enqueue_many"]
@@ -47,18 +50,40 @@ def _validated_model(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> 
         raise PayloadError(f"payload for task {spec.name!r} is invalid: {describe_validation_error(exc)}") from exc
 
 
-def _check_size(spec: TaskSpec, size: int) -> None:
-    if size > spec.max_payload_bytes:
+def _check_size(spec: TaskSpec, body: bytes | str, *, what: str = "payload") -> None:
+    """Refuse ``body`` (JSON) over its limit, counted in UTF-8 bytes as Postgres stores it."""
+    size = len(body.encode() if isinstance(body, str) else body)
+    limit, setting = (
+        (spec.max_payload_bytes, "max_payload_bytes") if what == "payload" else (spec.max_meta_bytes, "max_meta_bytes")
+    )
+    if size > limit:
         raise PayloadError(
-            f"payload for task {spec.name!r} is {size} bytes; the limit is {spec.max_payload_bytes} "
-            "(store large data elsewhere and enqueue a reference)"
+            f"{what} for task {spec.name!r} is {size} bytes (UTF-8 JSON); the limit is {limit} ({setting}): "
+            "store large data elsewhere and enqueue a reference"
         )
+
+
+def _queue(spec: TaskSpec, queue: str | None) -> str:
+    """``queue`` (checked against the queue-name rule), or the task's."""
+    if queue is None:
+        return spec.queue
+    problem = queue_name_problem(queue)
+    if problem:
+        raise PayloadError(f"enqueue of task {spec.name!r}: {problem}")
+    return queue
 
 
 def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = _validated_model(spec, payload).model_dump(mode="json")
-    _check_size(spec, len(to_json(data)))
+    _check_size(spec, to_json(data))
     return data
+
+
+def _translated(exc: ProgrammingError) -> Exception:
+    """The insert's error as the user can act on it: an unmigrated database is a ConfigurationError."""
+    if undefined_polyqueue_table(exc):
+        return not_migrated("the database")
+    return exc
 
 
 def _resolve_run_at(run_at: dt.datetime | None, delay: float | dt.timedelta | None) -> dt.datetime | None:
@@ -94,7 +119,7 @@ def _row(
     row: dict[str, Any] = {
         "id": new_job_id(),
         "task": spec.name,
-        "queue": queue or spec.queue,
+        "queue": _queue(spec, queue),
         "payload": _validated_payload(spec, payload),
         "priority": spec.priority if priority is None else priority,
         "max_attempts": attempts,
@@ -108,8 +133,11 @@ def _row(
 
 
 def _meta(spec: TaskSpec, meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The job's ``meta``: the caller's, plus what the app's metrics hook injects (trace context)."""
+    """The job's ``meta``: the caller's (at most ``max_meta_bytes`` of JSON), plus what the app's
+    metrics hook injects (trace context)."""
     data = dict(meta or {})
+    if data:
+        _check_size(spec, to_json(data), what="meta")
     spec.metrics.inject_meta(data)
     return dict(to_jsonable_python(data))
 
@@ -165,8 +193,10 @@ async def enqueue(
 
     Raises:
         UnknownTaskError: no task, or more than one, matches the payload or ``task``.
-        PayloadError: the payload does not fit the task's model, or is over 1 MB.
+        PayloadError: the payload does not fit the task's model, it or ``meta`` is over its limit
+            (``max_payload_bytes``, ``max_meta_bytes``), or ``queue`` is not a valid queue name.
         ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
+        ConfigurationError: the database has no polyqueue tables (run ``polyqueue db upgrade``).
     """
     row = _row(
         payload,
@@ -184,7 +214,10 @@ async def enqueue(
     spec = all_tasks()[row["task"]]
     statement = _insert_statement().values(**row)
     for _ in range(10):
-        inserted = (await session.execute(statement)).first()
+        try:
+            inserted = (await session.execute(statement)).first()
+        except ProgrammingError as exc:
+            raise _translated(exc) from exc
         if inserted is not None:
             job: Job = inserted[0]
             spec.metrics.job_enqueued(spec.name, job.queue, 1)
@@ -234,8 +267,10 @@ async def enqueue_many(
 
     Raises:
         UnknownTaskError: a payload matches no task (or several; pass ``task=``).
-        PayloadError: a payload does not fit its task's model, or is over 1 MB.
+        PayloadError: a payload does not fit its task's model, it or ``meta`` is over its limit
+            (``max_payload_bytes``, ``max_meta_bytes``), or ``queue`` is not a valid queue name.
         ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
+        ConfigurationError: the database has no polyqueue tables (run ``polyqueue db upgrade``).
     """
     if not payloads:
         return []
@@ -250,10 +285,10 @@ async def enqueue_many(
     for payload in payloads:
         spec = resolve_task(tasks, payload if isinstance(payload, BaseModel) else dict(payload), task)
         body = _validated_model(spec, payload).model_dump_json()
-        _check_size(spec, len(body))
+        _check_size(spec, body)
         columns["ids"].append(new_job_id())
         columns["tasks"].append(spec.name)
-        columns["queues"].append(queue or spec.queue)
+        columns["queues"].append(_queue(spec, queue))
         columns["payloads"].append(body)
         columns["priorities"].append(spec.priority if priority is None else priority)
         columns["max_attempts"].append(spec.max_attempts if max_attempts is None else max_attempts)
@@ -261,7 +296,10 @@ async def enqueue_many(
         columns["timeout_strategies"].append(spec.timeout_strategy.value)
     first = tasks[columns["tasks"][0]]
     params = {**columns, "meta": to_json(_meta(first, meta)).decode(), "run_at": when}
-    await session.execute(_INSERT_MANY, params)
+    try:
+        await session.execute(_INSERT_MANY, params)
+    except ProgrammingError as exc:
+        raise _translated(exc) from exc
     for (name, q), n in collections.Counter(zip(columns["tasks"], columns["queues"], strict=True)).items():
         tasks[name].metrics.job_enqueued(name, q, n)
     ids: list[uuid.UUID] = columns["ids"]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from polyqueue.errors import ConfigurationError, UnknownTaskError
 from polyqueue.metrics import GuardedMetrics
 from polyqueue.retry import Backoff
-from polyqueue.settings import Settings
+from polyqueue.settings import Settings, queue_name_problem
 from polyqueue.types import TimeoutStrategy
 
 __all__ = ["Polyqueue", "Schedule", "TaskSpec", "all_tasks", "find_task", "resolve_task"]
@@ -43,6 +43,7 @@ class TaskSpec:
     timeout_strategy: TimeoutStrategy = TimeoutStrategy.RETRY
     backoff: Backoff = field(default_factory=Backoff)
     max_payload_bytes: int = 1_000_000
+    max_meta_bytes: int = 64 * 1024
     max_result_bytes: int = 1_000_000
     metrics: GuardedMetrics = field(default_factory=lambda: GuardedMetrics(None), repr=False, compare=False)
 
@@ -161,6 +162,9 @@ class Polyqueue:
                 raise ConfigurationError(f"task {task_name!r}: max_attempts must be >= 1")
             if max_run_seconds is not None and max_run_seconds <= 0:
                 raise ConfigurationError(f"task {task_name!r}: max_run_seconds must be > 0")
+            queue_problem = queue_name_problem(queue)
+            if queue_problem:
+                raise ConfigurationError(f"task {task_name!r}: {queue_problem}")
             model, takes_ctx, result_type = _inspect_handler(fn, task_name)
             if cron is not None:
                 validate_cron(cron, f"task {task_name!r}")
@@ -185,6 +189,7 @@ class Polyqueue:
                 backoff=backoff or Backoff(),
                 metrics=self.metrics,
                 max_payload_bytes=self.settings.max_payload_bytes,
+                max_meta_bytes=self.settings.max_meta_bytes,
                 max_result_bytes=self.settings.max_result_bytes,
             )
             self.tasks[task_name] = spec

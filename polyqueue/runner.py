@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue.brokers import Broker, make_broker
-from polyqueue.db import database_url, make_engine, while_unreachable
+from polyqueue.db import database_url, make_engine, require_tables, while_unreachable
 from polyqueue.errors import ConfigurationError
 from polyqueue.listener import Listener
 from polyqueue.metrics import GuardedMetrics
 from polyqueue.registry import Polyqueue
 from polyqueue.relay import Relay, ensure_queues
-from polyqueue.settings import secret_value
+from polyqueue.settings import Settings, queue_name_problem, secret_value
 from polyqueue.worker.runtime import Worker
 
 __all__ = ["main", "run_relay", "run_worker"]
@@ -40,12 +40,25 @@ async def run_worker(
     """Run a worker for ``app`` until ``stopping`` is set (or SIGTERM/SIGINT with
     ``install_signal_handlers``, or the queue is drained with ``burst``).
 
+    Without ``engine``, connects to ``app.settings.database_url`` (``"embedded"``: the embedded
+    Postgres; unset: ``ConfigurationError``). Raises ``ConfigurationError`` at once when the
+    database lacks polyqueue's tables (after up to ``startup_wait`` seconds of an unreachable
+    database) or a queue name is not valid.
+
     Returns the stopped worker, for its counters.
     """
     s = app.settings
+    if queues is not None:
+        _check_queues(queues)
     own_engine = engine is None
-    engine = engine or make_engine(database_url(s.database_url, s.embedded_dir), pool_size=8)
-    broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
+    engine = engine or _engine(s, pool_size=8)
+    try:
+        await require_tables(engine, wait=s.startup_wait)
+        broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
+    except BaseException:
+        if own_engine:
+            await _bounded_dispose(engine)
+        raise
     worker = Worker(
         app,
         engine,
@@ -67,6 +80,24 @@ async def run_worker(
         if own_engine:
             await _bounded_dispose(engine)
     return worker
+
+
+def _check_queues(queues: Sequence[str]) -> None:
+    if not queues:
+        raise ConfigurationError("name at least one queue: a worker with none serves nothing")
+    for name in queues:
+        problem = queue_name_problem(name)
+        if problem:
+            raise ConfigurationError(problem)
+
+
+def _engine(s: Settings, *, pool_size: int) -> AsyncEngine:
+    """An engine on the configured database (``ConfigurationError`` when none is configured)."""
+    return make_engine(
+        database_url(s.database_url, s.embedded_dir),
+        pool_size=pool_size,
+        transaction_pooling=s.pool_mode == "transaction",
+    )
 
 
 async def _bounded_dispose(engine: AsyncEngine) -> None:
@@ -128,11 +159,20 @@ async def run_relay(
     install_signal_handlers: bool = False,
     metrics: object | None = None,
 ) -> Relay:
-    """Run a relay alone (``polyqueue relay``) until ``stopping`` is set or SIGTERM/SIGINT."""
+    """Run a relay alone (``polyqueue relay``) until ``stopping`` is set or SIGTERM/SIGINT.
+
+    The database and its check are as for :func:`run_worker`.
+    """
     s = app.settings
     own_engine = engine is None
-    engine = engine or make_engine(database_url(s.database_url, s.embedded_dir), pool_size=4)
-    broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
+    engine = engine or _engine(s, pool_size=4)
+    try:
+        await require_tables(engine, wait=s.startup_wait)
+        broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
+    except BaseException:
+        if own_engine:
+            await engine.dispose()
+        raise
     if broker is None:
         if own_engine:
             await engine.dispose()

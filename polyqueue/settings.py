@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["QueueBackend", "Settings", "secret_value"]
+__all__ = ["EMBEDDED", "QUEUE_NAME_RULE", "QueueBackend", "Settings", "queue_name_problem", "secret_value"]
 
 #: ``postgres``: workers claim straight from the table (default, no broker).
 #: ``none``/``memory``: in-process asyncio queue, relay and worker in one process.
 QueueBackend = Literal["postgres", "none", "memory", "redis", "sqs", "azure_service_bus", "pgmq"]
+
+
+#: ``database_url`` meaning "the embedded Postgres under embedded_dir", asked for explicitly.
+EMBEDDED = "embedded"
+
+#: What a queue name may be, in every broker: Redis keys it as ``prefix:queue`` (so no ``:``),
+#: SQS allows letters, digits, ``-`` and ``_``, PGMQ turns it into table names of at most 47
+#: characters, and the enqueue NOTIFY carries it.
+QUEUE_NAME_RULE = "1 to 47 characters: letters, digits, '_' and '-', starting with a letter or digit"
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,46}")
+
+
+def queue_name_problem(name: object) -> str | None:
+    """Why ``name`` is not a valid queue name (naming :data:`QUEUE_NAME_RULE`), or None when it is."""
+    if isinstance(name, str) and _QUEUE_NAME.fullmatch(name):
+        return None
+    return f"queue name {name!r} is not valid: a queue name is {QUEUE_NAME_RULE}"
 
 
 def secret_value(value: SecretStr | str | None) -> str | None:
@@ -28,16 +46,21 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="POLYQUEUE_", extra="ignore")
 
-    database_url: str | None = Field(
-        default=None, description="Postgres URL; unset → embedded Postgres under embedded_dir."
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="Postgres URL (a secret: never shown). Unset: `polyqueue demo`, dev.py and the tests use "
+        "the embedded Postgres under embedded_dir, every other command refuses; 'embedded' asks for it explicitly.",
     )
     embedded_dir: str = Field(default=".polyqueue", description="Where the embedded Postgres keeps its data.")
     queue_backend: QueueBackend = Field(default="postgres", description="How deliveries travel (the broker).")
-    broker_url: str | None = Field(default=None, description="The broker's URL, for brokers that take one.")
+    broker_url: SecretStr | None = Field(
+        default=None, description="The broker's URL, for brokers that take one (a secret: never shown)."
+    )
 
     # NoDecode: POLYQUEUE_QUEUES=a,b is split by the validator below, not parsed as JSON.
     queues: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["default"], description="Queues a worker serves."
+        default_factory=lambda: ["default"],
+        description="Queues a worker serves (at least one; each name " + QUEUE_NAME_RULE + ").",
     )
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Jobs run at once per worker process.")
     poll_interval: float = Field(default=1.0, gt=0, description="Seconds between polls when NOTIFY is silent.")
@@ -79,6 +102,9 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         default=1_000_000, ge=1, description="Largest payload (JSON bytes) enqueue accepts; larger is refused."
     )
+    max_meta_bytes: int = Field(
+        default=64 * 1024, ge=1, description="Largest meta (JSON bytes) enqueue accepts; larger is refused."
+    )
     max_result_bytes: int = Field(
         default=1_000_000, ge=1, description="Largest result (JSON bytes) stored; larger fails the job."
     )
@@ -89,9 +115,9 @@ class Settings(BaseSettings):
         "session mode) or 'transaction' (pgbouncer in transaction mode: no prepared statements, no session "
         "state, no LISTEN through it; see listen_database_url).",
     )
-    listen_database_url: str | None = Field(
+    listen_database_url: SecretStr | None = Field(
         default=None,
-        description="A direct Postgres URL (not through a transaction pooler) for LISTEN. With "
+        description="A direct Postgres URL (not through a transaction pooler) for LISTEN (a secret). With "
         "pool_mode='transaction' and none set, workers and relays poll every poll_interval.",
     )
     unknown_task_grace: float = Field(
@@ -122,6 +148,19 @@ class Settings(BaseSettings):
     def _split_queues(cls, value: object) -> object:
         if isinstance(value, str):
             return [q.strip() for q in value.strip("[] ").replace('"', "").split(",") if q.strip()]
+        return value
+
+    @field_validator("queues", mode="after")
+    @classmethod
+    def _queues_are_named(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(
+                "name at least one queue (e.g. POLYQUEUE_QUEUES=default,emails): a worker with none serves nothing"
+            )
+        for name in value:
+            problem = queue_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @model_validator(mode="after")

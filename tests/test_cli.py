@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from polyqueue import enqueue, wait_for_result
 from polyqueue.cli import app
+from polyqueue.cli._common import head_revisions
 from polyqueue.db import make_engine
-from polyqueue.migrations import VERSION_LOCATION
 from tests.helpers import CLI, cli_env, run_cli
 
 APP_SOURCE = """
@@ -42,7 +42,7 @@ async def cli_test_add(payload: Add) -> int:
 
 not_an_app = 42
 """
-HEAD = sorted(p.stem.split("_")[0] for p in Path(VERSION_LOCATION).glob("*_*.py"))[-1]
+HEAD = ", ".join(head_revisions())
 
 
 @pytest.fixture
@@ -68,13 +68,26 @@ def _import(name: str, directory: Path) -> ModuleType:
     ("command", "flags"),
     [
         ([], ["worker", "relay", "demo", "db"]),
-        (["worker"], ["--queues", "--concurrency", "--no-relay", "--no-maintenance", "--log-level", "--log-format"]),
-        (["relay"], ["--database-url", "--log-level", "--log-format"]),
+        (
+            ["worker"],
+            [
+                "--queues",
+                "--concurrency",
+                "--no-relay",
+                "--no-maintenance",
+                "--log-level",
+                "--log-format",
+                "--embedded",
+            ],
+        ),
+        (["relay"], ["--database-url", "--embedded", "--log-level", "--log-format"]),
         (["demo"], ["--backend", "--database-url"]),
         (["db"], ["upgrade", "downgrade", "current"]),
-        (["db", "upgrade"], ["--revision", "--sql", "--database-url"]),
-        (["db", "downgrade"], ["--revision", "--yes", "--database-url"]),
-        (["db", "current"], ["--database-url"]),
+        (["db", "upgrade"], ["--revision", "--sql", "--database-url", "--embedded"]),
+        (["db", "downgrade"], ["--revision", "--yes", "--database-url", "--embedded"]),
+        (["db", "current"], ["--database-url", "--embedded"]),
+        (["inspect", "job"], ["--database-url", "--embedded", "--json"]),
+        (["admin", "requeue"], ["--database-url", "--embedded", "--all"]),
     ],
 )
 def test_help(command: list[str], flags: list[str]) -> None:

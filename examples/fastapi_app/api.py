@@ -15,7 +15,7 @@ from polyqueue import JobFailedError, ResultTimeoutError, enqueue, wait_for_resu
 from polyqueue.db import database_url, make_engine
 
 # POLYQUEUE_DATABASE_URL, else the embedded Postgres (the URL polyqueue's CLI would use).
-engine = make_engine(database_url(app.settings.database_url, app.settings.embedded_dir))
+engine = make_engine(database_url(app.settings.database_url, app.settings.embedded_dir, embedded_by_default=True))
 sessions = async_sessionmaker(engine, expire_on_commit=False)
 api = FastAPI(title="orders")
 

@@ -38,7 +38,7 @@ def start(*args: str) -> subprocess.Popen[bytes]:
 
 
 async def main() -> None:
-    url = database_url(app.settings.database_url, app.settings.embedded_dir)
+    url = database_url(app.settings.database_url, app.settings.embedded_dir, embedded_by_default=True)
     os.environ["POLYQUEUE_DATABASE_URL"] = url  # the children use the same database
     engine = make_engine(url)
     await upgrade(engine)  # polyqueue db upgrade

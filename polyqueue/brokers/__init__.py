@@ -10,7 +10,7 @@ import importlib
 
 from polyqueue.brokers.base import Broker, BrokerConfig, Capabilities, Delivery, Message
 from polyqueue.errors import ConfigurationError
-from polyqueue.settings import Settings
+from polyqueue.settings import Settings, secret_value
 
 __all__ = ["Broker", "BrokerConfig", "Capabilities", "Delivery", "Message", "make_broker"]
 
@@ -51,11 +51,12 @@ def make_broker(settings: Settings, *, database_url: str | None = None) -> Broke
                 f"queue_backend {backend!r} is not available in this version of polyqueue"
             ) from exc
         raise
-    config = BrokerConfig(settings.broker_url, settings.lease_seconds, database_url or settings.database_url)
+    broker_url = secret_value(settings.broker_url)
+    config = BrokerConfig(broker_url, settings.lease_seconds, database_url or secret_value(settings.database_url))
     try:
         broker: Broker = module.create(config)
     except ConfigurationError as exc:
-        if settings.broker_url and "POLYQUEUE_BROKER_URL" not in str(exc):
+        if broker_url and "POLYQUEUE_BROKER_URL" not in str(exc):
             # The adapter knows what is wrong; the user needs to know which setting to change.
             raise ConfigurationError(f"broker_url (POLYQUEUE_BROKER_URL) for queue_backend {backend!r}: {exc}") from exc
         raise

@@ -8,7 +8,9 @@
     polyqueue demo                         see it work, on an embedded Postgres
 
 Settings come from ``POLYQUEUE_*`` environment variables; options override them.
-With no database configured, the embedded Postgres in ``./.polyqueue/`` is used.
+With no database configured, only ``demo`` uses the embedded Postgres in ``./.polyqueue/``;
+every other command refuses unless asked for it (``--embedded`` or
+``POLYQUEUE_DATABASE_URL=embedded``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import logging
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 
 from polyqueue import migrations
 from polyqueue.cli._admin import admin_app
 from polyqueue.cli._common import (
+    EmbeddedOption,
     LogFormat,
     LogLevel,
     check_schema,
@@ -33,11 +37,13 @@ from polyqueue.cli._common import (
     load_app,
     load_settings,
     resolve_url,
+    with_database_url,
 )
 from polyqueue.cli._db import db_app
 from polyqueue.cli._inspect import inspect_app
-from polyqueue.db import mask_url
+from polyqueue.db import is_embedded, mask_url
 from polyqueue.registry import Polyqueue
+from polyqueue.settings import queue_name_problem, secret_value
 
 __all__ = ["app", "main"]
 
@@ -62,7 +68,8 @@ DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="Postgres URL. (default: the app's database_url, POLYQUEUE_DATABASE_URL; else the embedded one)",
+        help="Postgres URL. (default: the app's database_url, POLYQUEUE_DATABASE_URL; if unset, the command "
+        "refuses unless --embedded)",
         show_default=False,
     ),
 ]
@@ -70,14 +77,13 @@ LogLevelOption = Annotated[LogLevel, typer.Option(case_sensitive=False, help="Lo
 LogFormatOption = Annotated[LogFormat, typer.Option(case_sensitive=False, help="Log lines as text or JSON.")]
 
 
-def _prepare(pq: Polyqueue, database_url: str | None, url: list[str]) -> None:
-    """Settle the app's database URL (option, settings, or embedded) and check the schema."""
-    settings = pq.settings
-    if database_url:
-        settings = settings.model_copy(update={"database_url": database_url})
+def _prepare(pq: Polyqueue, database_url: str | None, embedded: bool, url: list[str]) -> None:
+    """Settle the app's database URL (option, settings, or the embedded one when asked for) and
+    check the schema."""
+    settings = with_database_url(pq.settings, database_url, embedded)
     url.append(resolve_url(settings))
-    pq.settings = settings.model_copy(update={"database_url": url[0]})
-    if not settings.database_url:
+    pq.settings = settings.model_copy(update={"database_url": SecretStr(url[0])})
+    if is_embedded(settings.database_url):
         # The embedded database is polyqueue's own: bring its schema up to date, so a first run just works.
         asyncio.run(migrations.upgrade(url[0]))
     # A worker or relay started while Postgres restarts waits for it (startup_wait), then checks.
@@ -90,6 +96,10 @@ def _queues(value: str | None) -> list[str] | None:
     queues = [q.strip() for q in value.split(",") if q.strip()]
     if not queues:
         raise typer.BadParameter("name at least one queue, e.g. --queues default,emails")
+    for name in queues:
+        problem = queue_name_problem(name)
+        if problem:
+            raise typer.BadParameter(problem)
     return queues
 
 
@@ -124,6 +134,7 @@ def worker(
         ),
     ] = None,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
     log_level: LogLevelOption = LogLevel.INFO,
     log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
@@ -138,7 +149,7 @@ def worker(
     with cli_errors(url):
         pq = load_app(app_path)
         configure_logging(log_level, log_format)
-        _prepare(pq, database_url, url)
+        _prepare(pq, database_url, embedded, url)
         log.info(
             "polyqueue worker: app %s, %d tasks, database %s, backend %s",
             app_path,
@@ -167,6 +178,7 @@ def worker(
 def relay(
     app_path: AppArgument,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
     log_level: LogLevelOption = LogLevel.INFO,
     log_format: LogFormatOption = LogFormat.TEXT,
 ) -> None:
@@ -182,7 +194,7 @@ def relay(
             fail("queue_backend 'postgres' needs no relay: workers claim jobs from the table directly")
         if backend == "none":
             fail("queue_backend 'none'/'memory' is in-process: each worker relays its own jobs; run only workers")
-        _prepare(pq, database_url, url)
+        _prepare(pq, database_url, embedded, url)
         log.info("polyqueue relay: app %s, database %s, backend %s", app_path, mask_url(url[0]), backend)
         asyncio.run(run_relay(pq, install_signal_handlers=True))
 
@@ -227,10 +239,11 @@ def demo(
             )
         if settings.queue_backend not in ("postgres", "none"):
             fail(f"the demo runs with --backend postgres or memory, not {settings.queue_backend!r}")
-        url.append(resolve_url(settings))
-        where = mask_url(url[0]) if settings.database_url else "the embedded Postgres"
+        url.append(resolve_url(settings, embedded_by_default=True))
+        configured = secret_value(settings.database_url)
+        where = mask_url(url[0]) if configured and not is_embedded(configured) else "the embedded Postgres"
         console.print(f"polyqueue demo on {where}", soft_wrap=True, highlight=False)
-        ok = asyncio.run(run_demo(settings.model_copy(update={"database_url": url[0]}), console))
+        ok = asyncio.run(run_demo(settings.model_copy(update={"database_url": SecretStr(url[0])}), console))
     if not ok:
         raise typer.Exit(1)
 

@@ -16,7 +16,7 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue import admin
-from polyqueue.cli._inspect import DatabaseUrlOption, JsonOption, print_json, run_with_engine
+from polyqueue.cli._inspect import DatabaseUrlOption, EmbeddedOption, JsonOption, print_json, run_with_engine, shown
 from polyqueue.types import JobStatus
 
 __all__ = ["CONFIRM_ABOVE", "admin_app"]
@@ -57,7 +57,7 @@ def _confirm(count: int, what: str, yes: bool) -> None:
         typer.confirm(f"{what} {count} jobs?", abort=True)
 
 
-def _run(verb: str, action: Action, *, yes: bool, as_json: bool, database_url: str | None) -> None:
+def _run(verb: str, action: Action, *, yes: bool, as_json: bool, database_url: str | None, embedded: bool) -> None:
     async def work(engine: AsyncEngine) -> list[admin.JobChange]:
         preview = await action(engine, True)
         if not preview:
@@ -65,7 +65,7 @@ def _run(verb: str, action: Action, *, yes: bool, as_json: bool, database_url: s
         _confirm(len(preview), verb.capitalize(), yes)
         return await action(engine, False)
 
-    changed = run_with_engine(database_url, work)
+    changed = run_with_engine(database_url, work, embedded=embedded)
     if as_json:
         print_json({"action": verb, "count": len(changed), "jobs": changed})
         return
@@ -76,7 +76,7 @@ def _run(verb: str, action: Action, *, yes: bool, as_json: bool, database_url: s
         for column in ("id", "task", "queue", "was", "now"):
             table.add_column(column)
         for c in changed:
-            table.add_row(str(c.id), c.task, c.queue, c.old_status, c.new_status)
+            table.add_row(str(c.id), shown(c.task), shown(c.queue), c.old_status, c.new_status)
         console.print(table)
 
 
@@ -93,6 +93,7 @@ def requeue(
     yes: YesOption = False,
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Put failed or cancelled jobs back to pending, due now (their errors are kept)."""
 
@@ -108,7 +109,7 @@ def requeue(
             dry_run=dry_run,
         )
 
-    _run("requeue", action, yes=yes, as_json=as_json, database_url=database_url)
+    _run("requeue", action, yes=yes, as_json=as_json, database_url=database_url, embedded=embedded)
 
 
 @admin_app.command("fail")
@@ -122,6 +123,7 @@ def fail_jobs(
     yes: YesOption = False,
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Fail pending, enqueued or running jobs now, without retry; running ones are stopped by their worker."""
 
@@ -137,7 +139,7 @@ def fail_jobs(
             dry_run=dry_run,
         )
 
-    _run("fail", action, yes=yes, as_json=as_json, database_url=database_url)
+    _run("fail", action, yes=yes, as_json=as_json, database_url=database_url, embedded=embedded)
 
 
 @admin_app.command()
@@ -151,6 +153,7 @@ def cancel(
     yes: YesOption = False,
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Cancel pending, enqueued or running jobs: waiting ones never run, running ones are stopped."""
 
@@ -166,7 +169,7 @@ def cancel(
             dry_run=dry_run,
         )
 
-    _run("cancel", action, yes=yes, as_json=as_json, database_url=database_url)
+    _run("cancel", action, yes=yes, as_json=as_json, database_url=database_url, embedded=embedded)
 
 
 @admin_app.command()
@@ -180,6 +183,7 @@ def prune(
     yes: YesOption = False,
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Delete finished jobs (succeeded, failed, cancelled) that finished more than --older-than seconds ago."""
 
@@ -191,7 +195,7 @@ def prune(
         _confirm(count, "Delete", yes)
         return await admin.prune(engine, older_than, status=statuses, task=task, queue=queue)
 
-    deleted = run_with_engine(database_url, work)
+    deleted = run_with_engine(database_url, work, embedded=embedded)
     if as_json:
         print_json({"action": "prune", "count": deleted})
         return

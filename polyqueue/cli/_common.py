@@ -1,5 +1,6 @@
-"""What every command shares: error reporting, the database URL (configured or
-embedded), the schema check, loading ``APP``, and logging."""
+"""What every command shares: error reporting, the database URL (configured, or the
+embedded one when asked for), the schema check, loading ``APP``, logging, and cleaning
+stored text before it is printed."""
 
 from __future__ import annotations
 
@@ -17,25 +18,36 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
-from pydantic import ValidationError
-from sqlalchemy import text
+from pydantic import SecretStr, ValidationError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InternalError, NotSupportedError, ProgrammingError
 
-from polyqueue.db import database_url, make_engine, mask_url, while_unreachable
-from polyqueue.errors import PolyqueueError
+from polyqueue._redact import mask_secrets, printable
+from polyqueue.db import (
+    database_url,
+    is_embedded,
+    make_engine,
+    mask_url,
+    missing_tables,
+    not_migrated,
+    while_unreachable,
+)
+from polyqueue.errors import ConfigurationError, PolyqueueError
 from polyqueue.registry import Polyqueue
-from polyqueue.settings import Settings
+from polyqueue.settings import Settings, secret_value
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "NO_DATABASE",
+    "EmbeddedOption",
     "LogFormat",
     "LogLevel",
     "check_schema",
+    "clean",
     "cli_errors",
     "configure_logging",
     "fail",
@@ -43,12 +55,26 @@ __all__ = [
     "load_app",
     "load_settings",
     "resolve_url",
+    "with_database_url",
 ]
 
 #: Seconds to wait for the database before giving up (a firewall drops, it does not refuse).
 CONNECT_TIMEOUT = 10.0
 
-UPGRADE_HINT = "run `polyqueue db upgrade`"
+#: Why a command without a database refuses to start (one line, naming the setting and the way out).
+NO_DATABASE = (
+    "no database configured: set POLYQUEUE_DATABASE_URL or pass --database-url; for a private embedded "
+    "Postgres in ./.polyqueue/ pass --embedded (or set POLYQUEUE_DATABASE_URL=embedded)"
+)
+
+EmbeddedOption = Annotated[
+    bool,
+    typer.Option(
+        "--embedded",
+        help="Use the embedded Postgres in ./.polyqueue/ (as POLYQUEUE_DATABASE_URL=embedded does); "
+        "without it, a command with no database URL refuses to start.",
+    ),
+]
 
 # Database errors that mean a wrong statement, not an unreachable or misconfigured database.
 _BUG_SIGNS = (ProgrammingError, IntegrityError, DataError, InternalError, NotSupportedError)
@@ -66,9 +92,14 @@ class LogFormat(enum.StrEnum):
     JSON = "json"
 
 
+def clean(text: str) -> str:
+    """Stored or foreign text made safe to print: credentials masked, terminal control sequences removed."""
+    return printable(mask_secrets(text))
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one ``error:`` line to stderr and exit with ``code``."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    """Print one ``error:`` line to stderr (credentials masked, control sequences removed) and exit with ``code``."""
+    typer.echo(f"error: {' '.join(clean(message).split())}", err=True)
     raise typer.Exit(code)
 
 
@@ -118,21 +149,31 @@ def cli_errors(url: list[str] | None = None) -> Iterator[None]:
         fail(f"migrations: {exc}")
 
 
-def load_settings(database_url_option: str | None) -> Settings:
-    """Settings from ``POLYQUEUE_*``; ``--database-url`` wins over the environment."""
-    settings = Settings()
-    if database_url_option:
-        settings = settings.model_copy(update={"database_url": database_url_option})
-    return settings
+def with_database_url(settings: Settings, database_url_option: str | None, embedded: bool = False) -> Settings:
+    """``settings`` with ``--database-url`` (or ``--embedded``) applied; the URL stays a secret."""
+    if database_url_option and embedded:
+        raise ConfigurationError("pass --database-url or --embedded, not both")
+    chosen = "embedded" if embedded else database_url_option
+    return settings.model_copy(update={"database_url": SecretStr(chosen)}) if chosen else settings
 
 
-def resolve_url(settings: Settings) -> str:
-    """The configured URL, or the embedded Postgres's, started here with a one-line notice."""
-    if settings.database_url:
-        return settings.database_url
+def load_settings(database_url_option: str | None, embedded: bool = False) -> Settings:
+    """Settings from ``POLYQUEUE_*``; ``--database-url`` or ``--embedded`` wins over the environment."""
+    return with_database_url(Settings(), database_url_option, embedded)
+
+
+def resolve_url(settings: Settings, *, embedded_by_default: bool = False) -> str:
+    """The configured URL; the embedded Postgres's, started here with a one-line notice, when the
+    settings ask for it (``embedded``) or none is set and ``embedded_by_default`` (``polyqueue demo``);
+    else exit 1 naming the setting."""
+    configured = secret_value(settings.database_url)
+    if configured and not is_embedded(configured):
+        return configured
+    if not configured and not embedded_by_default:
+        fail(NO_DATABASE)
     where = Path(settings.embedded_dir).resolve()
     typer.echo(
-        f"polyqueue: no database configured; using the embedded Postgres in {where} "
+        f"polyqueue: using the embedded Postgres in {where} "
         "(set POLYQUEUE_DATABASE_URL or pass --database-url to use your own)",
         err=True,
     )
@@ -140,7 +181,7 @@ def resolve_url(settings: Settings) -> str:
         with warnings.catch_warnings():
             # platformdirs warns about an unset XDG_RUNTIME_DIR on every start; not actionable here.
             warnings.simplefilter("ignore")
-            return database_url(None, settings.embedded_dir)
+            return database_url(settings.database_url, settings.embedded_dir, embedded_by_default=True)
     except (subprocess.SubprocessError, OSError, AssertionError) as exc:
         fail(f"could not start the embedded Postgres in {where} (log: {where / 'pgdata' / 'log'}): {exc}")
 
@@ -164,8 +205,7 @@ async def check_schema(url: str, *, wait: float = 0.0) -> None:
 
     async def look() -> tuple[bool, list[str]]:
         async with engine.connect() as conn:
-            query = "SELECT to_regclass('polyqueue_jobs') IS NOT NULL AND to_regclass('polyqueue_workers') IS NOT NULL"
-            installed = bool((await conn.execute(text(query))).scalar())
+            installed = not await missing_tables(conn)
             return installed, (await current(conn) if installed else [])
 
     try:
@@ -173,12 +213,12 @@ async def check_schema(url: str, *, wait: float = 0.0) -> None:
     finally:
         await engine.dispose()
     if not installed:
-        fail(f"{mask_url(url)} has no polyqueue tables: {UPGRADE_HINT} (or `alembic upgrade heads`) first")
+        fail(str(not_migrated(mask_url(url))))
     heads = head_revisions()
     if revisions and revisions != heads:
         fail(
             f"{mask_url(url)} is at polyqueue revision {', '.join(revisions)} but this version needs "
-            f"{', '.join(heads)}: {UPGRADE_HINT}"
+            f"{', '.join(heads)}: run `polyqueue db upgrade`"
         )
 
 

@@ -6,17 +6,18 @@ import asyncio
 from typing import Annotated
 
 import typer
-from sqlalchemy import text
 
 from polyqueue import migrations
 from polyqueue.cli._common import (
     CONNECT_TIMEOUT,
+    EmbeddedOption,
     cli_errors,
     head_revisions,
     load_settings,
     resolve_url,
 )
-from polyqueue.db import make_engine, mask_url
+from polyqueue.db import make_engine, mask_url, missing_tables
+from polyqueue.settings import secret_value
 
 __all__ = ["db_app"]
 
@@ -30,7 +31,7 @@ DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="Postgres URL (default: POLYQUEUE_DATABASE_URL; if unset, the embedded Postgres in ./.polyqueue/).",
+        help="Postgres URL (default: POLYQUEUE_DATABASE_URL; if unset, the command refuses unless --embedded).",
         show_default=False,
     ),
 ]
@@ -54,7 +55,7 @@ async def _state(url: str) -> tuple[list[str], bool]:
     engine = make_engine(url, pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
     try:
         async with engine.connect() as conn:
-            installed = bool((await conn.execute(text("SELECT to_regclass('polyqueue_jobs') IS NOT NULL"))).scalar())
+            installed = "polyqueue_jobs" not in await missing_tables(conn)
             return await migrations.current(conn), installed
     finally:
         await engine.dispose()
@@ -81,6 +82,7 @@ def upgrade(
         bool, typer.Option("--sql", help="Print the upgrade as SQL (DDL) instead of running it; touches no database.")
     ] = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Create or upgrade polyqueue's tables (idempotent; safe from several processes at once)."""
     url: list[str] = []
@@ -88,7 +90,7 @@ def upgrade(
         if sql:
             typer.echo(migrations.upgrade_sql(revision), nl=False)
             return
-        url.append(resolve_url(load_settings(database_url)))
+        url.append(resolve_url(load_settings(database_url, embedded)))
         revisions, installed = asyncio.run(_apply(url[0], revision, up=True))
         typer.echo(f"upgraded {mask_url(url[0])}: polyqueue revision {_describe(revisions, installed)}")
 
@@ -98,11 +100,12 @@ def downgrade(
     revision: Annotated[str, typer.Option(help="Target revision; 'base' drops polyqueue's tables.")] = "base",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Downgrade polyqueue's tables; to 'base' (the default) drops them, with every job in them."""
     url: list[str] = []
     with cli_errors(url):
-        url.append(resolve_url(load_settings(database_url)))
+        url.append(resolve_url(load_settings(database_url, embedded)))
         if not yes:
             typer.confirm(
                 f"Downgrade polyqueue's tables in {mask_url(url[0])} to {revision!r}? "
@@ -115,11 +118,11 @@ def downgrade(
 
 
 @db_app.command()
-def current(database_url: DatabaseUrlOption = None) -> None:
+def current(database_url: DatabaseUrlOption = None, embedded: EmbeddedOption = False) -> None:
     """Show the polyqueue revision the database is at (as recorded by `polyqueue db upgrade`)."""
     url: list[str] = []
     with cli_errors(url):
-        url.append(resolve_url(load_settings(database_url)))
+        url.append(resolve_url(load_settings(database_url, embedded)))
         revisions, installed = asyncio.run(_state(url[0]))
         typer.echo(f"database: {mask_url(url[0])}", err=True)  # stdout stays the revision alone, for scripts
         typer.echo(_describe(revisions, installed))
@@ -148,17 +151,19 @@ def install_pgmq(
         typer.Option(
             "--database-url",
             help="Postgres URL to install into (default: POLYQUEUE_BROKER_URL when POLYQUEUE_QUEUE_BACKEND=pgmq, "
-            "else POLYQUEUE_DATABASE_URL; if unset, the embedded Postgres in ./.polyqueue/).",
+            "else POLYQUEUE_DATABASE_URL; if unset, the command refuses unless --embedded).",
             show_default=False,
         ),
     ] = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Install PGMQ for queue_backend=pgmq: the extension if the server has it, else its SQL-only install."""
     url: list[str] = []
     with cli_errors(url):
-        settings = load_settings(database_url)
-        if not database_url and settings.queue_backend == "pgmq" and settings.broker_url:
-            url.append(settings.broker_url)
+        settings = load_settings(database_url, embedded)
+        broker_url = secret_value(settings.broker_url)
+        if not database_url and not embedded and settings.queue_backend == "pgmq" and broker_url:
+            url.append(broker_url)
         else:
             url.append(resolve_url(settings))
         outcome = asyncio.run(_install_pgmq(url[0]))

@@ -13,14 +13,32 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue import inspect as views
-from polyqueue.cli._common import CONNECT_TIMEOUT, check_schema, cli_errors, fail, load_settings, resolve_url
+from polyqueue.cli._common import (
+    CONNECT_TIMEOUT,
+    EmbeddedOption,
+    check_schema,
+    clean,
+    cli_errors,
+    fail,
+    load_settings,
+    resolve_url,
+)
 from polyqueue.db import make_engine
 from polyqueue.types import JobStatus
 
-__all__ = ["DatabaseUrlOption", "JsonOption", "inspect_app", "print_json", "run_with_engine"]
+__all__ = [
+    "DatabaseUrlOption",
+    "EmbeddedOption",
+    "JsonOption",
+    "inspect_app",
+    "print_json",
+    "run_with_engine",
+    "shown",
+]
 
 T = TypeVar("T")
 
@@ -34,18 +52,20 @@ DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="Postgres URL (default: POLYQUEUE_DATABASE_URL; if unset, the embedded Postgres in ./.polyqueue/).",
+        help="Postgres URL (default: POLYQUEUE_DATABASE_URL; if unset, the command refuses unless --embedded).",
         show_default=False,
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 
 
-def run_with_engine(database_url: str | None, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+def run_with_engine(
+    database_url: str | None, work: Callable[[AsyncEngine], Awaitable[T]], *, embedded: bool = False
+) -> T:
     """Resolve the URL, check the schema, run ``work`` with an engine, dispose of it; CLI errors mapped."""
     url: list[str] = []
     with cli_errors(url):
-        url.append(resolve_url(load_settings(database_url)))
+        url.append(resolve_url(load_settings(database_url, embedded)))
 
         async def go() -> T:
             await check_schema(url[0])
@@ -64,18 +84,30 @@ def run_with_engine(database_url: str | None, work: Callable[[AsyncEngine], Awai
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {clean(str(k)): _plain(v) for k, v in value.items()}
     if isinstance(value, dt.datetime):
         return value.isoformat()
+    if isinstance(value, str):
+        return clean(value)
     return value
 
 
 def print_json(value: Any) -> None:
-    """``value`` (dataclasses, lists, dicts) as JSON on stdout; ids and times as strings."""
+    """``value`` (dataclasses, lists, dicts) as JSON on stdout; ids and times as strings; stored
+    text with credentials masked and terminal control sequences removed."""
     typer.echo(json.dumps(_plain(value), default=str, indent=2))
+
+
+def shown(value: object) -> Text:
+    """Stored text for a rich table or console: cleaned (:func:`clean`), and never read as markup."""
+    return Text(clean(value if isinstance(value, str) else str(value)))
+
+
+def _shown_json(value: object) -> Text:
+    return shown(json.dumps(_plain(value), default=str))
 
 
 def _console() -> Console:
@@ -115,9 +147,11 @@ def parse_since(value: str | None) -> dt.datetime | None:
 
 
 @inspect_app.command()
-def stats(as_json: JsonOption = False, database_url: DatabaseUrlOption = None) -> None:
+def stats(
+    as_json: JsonOption = False, database_url: DatabaseUrlOption = None, embedded: EmbeddedOption = False
+) -> None:
     """Jobs by queue and status, the oldest due pending job's wait, throughput and failure rate."""
-    s = run_with_engine(database_url, views.stats)
+    s = run_with_engine(database_url, views.stats, embedded=embedded)
     if as_json:
         print_json(s)
         return
@@ -125,7 +159,7 @@ def stats(as_json: JsonOption = False, database_url: DatabaseUrlOption = None) -
     for column in ("queue", "status", "count"):
         table.add_column(column, justify="right" if column == "count" else "left")
     for c in s.counts:
-        table.add_row(c.queue, c.status, f"~{c.count}" if c.estimated else str(c.count))
+        table.add_row(shown(c.queue), c.status, f"~{c.count}" if c.estimated else str(c.count))
     console = _console()
     console.print(table)
     rate = f"{100 * s.failure_rate_last_hour:.1f}%" if s.failure_rate_last_hour is not None else "-"
@@ -141,13 +175,14 @@ def workers(
     running_only: Annotated[bool, typer.Option("--running", help="Only workers whose status is running.")] = False,
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """Registered workers: id, host, pid, queues, status, heartbeat age, jobs running now."""
 
     async def work(engine: AsyncEngine) -> list[views.WorkerRow]:
         return await views.workers(engine, include_stopped=not running_only)
 
-    rows = run_with_engine(database_url, work)
+    rows = run_with_engine(database_url, work, embedded=embedded)
     if as_json:
         print_json(rows)
         return
@@ -157,10 +192,10 @@ def workers(
     for w in rows:
         table.add_row(
             str(w.id),
-            w.hostname,
+            shown(w.hostname),
             str(w.pid),
-            ",".join(w.queues),
-            w.broker,
+            shown(",".join(w.queues)),
+            shown(w.broker),
             w.status,
             f"{_age(w.heartbeat_age_seconds)} ago",
             f"{w.running_jobs}/{w.concurrency}",
@@ -179,6 +214,7 @@ def jobs(
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many jobs, newest first.")] = 50,
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """The newest jobs matching the filters, with each one's latest error."""
     when = parse_since(since)
@@ -188,7 +224,7 @@ def jobs(
             engine, status=status.value if status else None, task=task, queue=queue, since=when, limit=limit
         )
 
-    rows = run_with_engine(database_url, work)
+    rows = run_with_engine(database_url, work, embedded=embedded)
     if as_json:
         print_json(rows)
         return
@@ -198,13 +234,13 @@ def jobs(
     for j in rows:
         table.add_row(
             str(j.id),
-            j.task,
-            j.queue,
+            shown(j.task),
+            shown(j.queue),
             j.status,
             f"{j.attempt}/{j.max_attempts}",
             _time(j.created_at),
             _time(j.finished_at),
-            (j.last_error or "")[:80],
+            shown(clean(j.last_error or "")[:80]),
         )
     _console().print(table)
 
@@ -214,13 +250,14 @@ def job(
     job_id: Annotated[str, typer.Argument(metavar="ID", help="The job's id.")],
     as_json: JsonOption = False,
     database_url: DatabaseUrlOption = None,
+    embedded: EmbeddedOption = False,
 ) -> None:
     """One job in full: payload, attempts, every error with its traceback, result."""
 
     async def work(engine: AsyncEngine) -> views.JobDetail:
         return await views.job(engine, job_id)
 
-    detail = run_with_engine(database_url, work)
+    detail = run_with_engine(database_url, work, embedded=embedded)
     if as_json:
         print_json(detail)
         return
@@ -238,18 +275,20 @@ def job(
         "timeout_strategy",
         "max_run_seconds",
     ):
-        table.add_row(name, str(getattr(detail, name)))
+        table.add_row(name, shown(getattr(detail, name)))
     table.add_row("attempts", f"{detail.attempt}/{detail.max_attempts}")
     for name in ("created_at", "run_at", "dispatched_at", "started_at", "finished_at", "timeout_at"):
         table.add_row(name, _time(getattr(detail, name)))
-    table.add_row("payload", json.dumps(detail.payload))
-    table.add_row("meta", json.dumps(detail.meta))
-    table.add_row("result", json.dumps(detail.result))
+    table.add_row("payload", _shown_json(detail.payload))
+    table.add_row("meta", _shown_json(detail.meta))
+    table.add_row("result", _shown_json(detail.result))
     console.print(table)
     for error in detail.errors:
+        record = error if isinstance(error, dict) else {"message": error}
         console.print(
-            f"attempt {error.get('attempt')} at {error.get('at')}: {error.get('type')}: {error.get('message')}",
-            markup=False,
+            shown(
+                f"attempt {record.get('attempt')} at {record.get('at')}: {record.get('type')}: {record.get('message')}"
+            )
         )
-        if error.get("traceback"):
-            console.print(error["traceback"], markup=False)
+        if record.get("traceback"):
+            console.print(shown(record["traceback"]))

@@ -27,11 +27,11 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from polyqueue.db import make_engine
+from polyqueue.db import TABLES, make_engine, missing_tables
 from polyqueue.errors import ConfigurationError
 
 __all__ = [
@@ -54,9 +54,6 @@ VERSION_TABLE = "polyqueue_alembic_version"
 #: The branch label of polyqueue's revisions: ``alembic downgrade polyqueue@base``.
 BRANCH_LABEL = "polyqueue"
 
-# The tables whose presence without a standalone version row means another tool
-# (the user's Alembic history, or ``metadata.create_all``) manages the schema.
-_TABLES = ("polyqueue_jobs", "polyqueue_workers")
 # Serialises concurrent upgrades (several workers starting at once): the second
 # waits, then finds the schema at head and does nothing.
 _LOCK_SQL = text("SELECT pg_advisory_xact_lock(hashtext('polyqueue.migrations'))")
@@ -114,15 +111,16 @@ def _standalone_heads(connection: Connection) -> list[str]:
     return sorted(context.get_current_heads())
 
 
-def _check_owner(connection: Connection) -> None:
-    """Refuse to manage tables that the standalone path did not create.
+def _check_owner(connection: Connection, existing: list[str]) -> None:
+    """Refuse to manage tables that the standalone path did not create: polyqueue's tables
+    (``existing``) without a standalone version row mean another tool (the user's Alembic
+    history, or ``metadata.create_all``) manages the schema.
 
     Without this, ``polyqueue db upgrade`` on a database migrated through the
     user's Alembic history would fail half-way with "relation already exists".
     """
     if _standalone_heads(connection):
         return
-    existing = sorted(set(_TABLES) & set(inspect(connection).get_table_names()))
     if existing:
         raise ConfigurationError(
             f"{', '.join(existing)} exist but {VERSION_TABLE} records no polyqueue revision: the schema "
@@ -131,15 +129,20 @@ def _check_owner(connection: Connection) -> None:
         )
 
 
-def _upgrade_sync(connection: Connection, revision: str) -> None:
-    connection.execute(_LOCK_SQL)
-    _check_owner(connection)
+async def _existing_tables(conn: AsyncConnection) -> list[str]:
+    """Take the migration lock, then list polyqueue's tables that exist."""
+    await conn.execute(_LOCK_SQL)
+    missing = await missing_tables(conn)
+    return [t for t in TABLES if t not in missing]
+
+
+def _upgrade_sync(connection: Connection, revision: str, existing: list[str]) -> None:
+    _check_owner(connection, existing)
     command.upgrade(_config(connection), revision)
 
 
-def _downgrade_sync(connection: Connection, revision: str) -> None:
-    connection.execute(_LOCK_SQL)
-    _check_owner(connection)
+def _downgrade_sync(connection: Connection, revision: str, existing: list[str]) -> None:
+    _check_owner(connection, existing)
     command.downgrade(_config(connection), revision)
     if not _standalone_heads(connection):
         # At base nothing of polyqueue's should remain, its bookkeeping included.
@@ -158,7 +161,7 @@ async def upgrade(target: _Target, revision: str = "heads") -> None:
     created by this path (for instance by your own Alembic history).
     """
     async with _command_lock(), _connection(target) as conn:
-        await conn.run_sync(_upgrade_sync, revision)
+        await conn.run_sync(_upgrade_sync, revision, await _existing_tables(conn))
 
 
 async def downgrade(target: _Target, revision: str = "base") -> None:
@@ -168,7 +171,7 @@ async def downgrade(target: _Target, revision: str = "base") -> None:
     touches nothing else in the database.
     """
     async with _command_lock(), _connection(target) as conn:
-        await conn.run_sync(_downgrade_sync, revision)
+        await conn.run_sync(_downgrade_sync, revision, await _existing_tables(conn))
 
 
 async def current(target: _Target) -> list[str]:
