@@ -4,7 +4,8 @@ Debian's ``pgbouncer`` package (``/usr/sbin/pgbouncer``) or one on PATH; None wh
 exists, and the pgbouncer tests skip. The ini is generated in a private directory: listen on
 127.0.0.1 on a free port, no Unix socket, ``auth_type = trust`` with an auth file naming the
 tests' user, ``pool_mode = transaction`` (the mode most Postgres shops run), everything else at
-pgbouncer's defaults. pgbouncer refuses to run as root, so as root it runs as ``nobody``.
+pgbouncer's defaults. pgbouncer refuses to run as root, so as root it runs as ``nobody``, in a
+directory of its own under the system's temporary directory (see :func:`private_directory`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from sqlalchemy.engine import URL
@@ -20,7 +22,7 @@ from sqlalchemy.engine import URL
 from tests.redis_service import free_port
 from tests.services import admin_url
 
-__all__ = ["PgBouncer", "pgbouncer_exe"]
+__all__ = ["PgBouncer", "pgbouncer_exe", "private_directory"]
 
 
 def pgbouncer_exe() -> str | None:
@@ -29,6 +31,12 @@ def pgbouncer_exe() -> str | None:
     if found:
         return found
     return "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None
+
+
+def private_directory() -> Path:
+    """A new directory directly under the temporary directory (which ``nobody`` can traverse, unlike
+    pytest's ``tmp_path`` under a root-only parent). The caller removes it."""
+    return Path(tempfile.mkdtemp(prefix="polyqueue-pgbouncer-"))
 
 
 class PgBouncer:
@@ -76,12 +84,8 @@ class PgBouncer:
         ini = self.directory / "pgbouncer.ini"
         ini.write_text(self._ini())
         args = [self.exe, str(ini)]
-        if os.geteuid() == 0:  # "PgBouncer should not run as root"
+        if os.geteuid() == 0:  # "PgBouncer should not run as root": nobody writes its log and pid here
             self.directory.chmod(0o777)
-            for parent in self.directory.parents:  # nobody must reach the directory
-                if parent == Path(parent.anchor):
-                    break
-                parent.chmod(parent.stat().st_mode | 0o711)
             args += ["-u", "nobody"]
         with (self.directory / "stderr.txt").open("wb") as stderr:
             self._proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.DEVNULL, stderr=stderr)

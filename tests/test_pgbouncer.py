@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -31,7 +31,7 @@ from polyqueue.maintenance.service import Maintenance
 from polyqueue.queries import job_claim_pending, worker_register
 from polyqueue.runner import run_relay, run_worker
 from tests.helpers import make_app, rows, scalar, wait_until
-from tests.pgbouncer_service import PgBouncer, pgbouncer_exe
+from tests.pgbouncer_service import PgBouncer, pgbouncer_exe, private_directory
 from tests.redis_service import configured_url
 from tests.services import url_str
 
@@ -49,14 +49,18 @@ async def bounced(payload: Bounced) -> int:
 
 
 @pytest.fixture
-async def pgbouncer(tmp_path: Path) -> AsyncIterator[PgBouncer]:
+async def pgbouncer() -> AsyncIterator[PgBouncer]:
     exe = pgbouncer_exe()
     if exe is None:
         pytest.skip("no pgbouncer binary: install the Debian package pgbouncer")
-    bouncer = PgBouncer(exe, tmp_path / "pgbouncer", pool_size=SERVER_POOL)
-    await bouncer.start()
-    yield bouncer
-    await bouncer.stop()
+    directory = private_directory()
+    bouncer = PgBouncer(exe, directory, pool_size=SERVER_POOL)
+    try:
+        await bouncer.start()
+        yield bouncer
+    finally:
+        await bouncer.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
