@@ -51,6 +51,13 @@ starts on a handler the SDK has shut down, since it would reopen it from there. 
 delivery is settled on the receiver that received it (its lock token is bound to that
 link): once that receiver is dropped its deliveries count as lock lost, and Service Bus
 redelivers them when the lock expires (Postgres ownership guards the job meanwhile).
+
+``close()`` closes the client, and ``ServiceBusClient.close`` closes every handler it made, a
+half-open one too: that handler's open then fails on the session the close set to None
+(``'NoneType' object has no attribute 'create_receiver_link'``). A receive usually sees the
+close first and cancels its work, but the cancel can be lost (Python 3.11's ``wait_for``
+swallows one that meets a finished read), so a receive returns nothing once the broker is
+closing, whatever its work did, and an open cut short by the close says "closed".
 """
 
 from __future__ import annotations
@@ -222,7 +229,10 @@ class ServiceBusBroker:
                 work.cancel()
             # Always collected: a failure that races a cancel is never left "never retrieved".
             await asyncio.gather(work, return_exceptions=True)
-        if work.cancelled():
+        if work.cancelled() or self._closing.is_set():
+            # Closed meanwhile. The close may have failed the work before the cancel reached it (a
+            # handler still opening, closed under the SDK: 'NoneType' ... 'create_receiver_link'):
+            # that is the close, not an error. Deliveries that came anyway are left to their locks.
             return []
         for got in work.result():
             out += got
@@ -371,8 +381,12 @@ class ServiceBusBroker:
                     await handler.__aenter__()
                 if self._closing.is_set():
                     raise BrokerError(f"azure_service_bus broker for {self.where} is closed", transient=False)
-            except BaseException:  # cancelled too: never leave a half-open handler behind
+            except BaseException as exc:  # cancelled too: never leave a half-open handler behind
                 await _close(handler)
+                if self._closing.is_set() and isinstance(exc, Exception):
+                    # close() closed the client, and with it this half-open handler: the SDK's open
+                    # then reads the session it set to None ('create_receiver_link'). Say what happened.
+                    raise BrokerError(f"azure_service_bus broker for {self.where} is closed", transient=False) from exc
                 raise
             link = links[queue] = _Link(handler)
             return link

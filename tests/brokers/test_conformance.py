@@ -16,7 +16,7 @@ import pytest
 
 from polyqueue.brokers.base import Broker, Delivery, Message
 from polyqueue.errors import BrokerError, LeaseLostError
-from tests.brokers.conftest import Harness
+from tests.brokers.harness import Harness
 
 Q = "default"
 

@@ -139,6 +139,9 @@ class ServiceBusPeer(Handler):
         #: While True, settlements on receive links wait unanswered (see ``hold_settlements``).
         self._holding = False
         self._held: list[Delivery] = []
+        #: While True, client attaches of queue links wait unanswered (see ``hold_attaches``).
+        self._holding_attaches = False
+        self._held_attaches: list[Link] = []
 
     # -- the test thread's side --------------------------------------------------------------------
     @property
@@ -190,6 +193,20 @@ class ServiceBusPeer(Handler):
     def held_settlements(self) -> int:
         with self.lock:
             return len(self._held)
+
+    def hold_attaches(self, hold: bool) -> None:
+        """Leave client attaches of queue links (senders and receivers, not ``$cbs`` or
+        ``$management``) unanswered (True), or answer them on the next tick (False).
+
+        Keeps a client's handler half-open for as long as a test needs, e.g. to close the client
+        under it.
+        """
+        with self.lock:
+            self._holding_attaches = hold
+
+    def held_attaches(self) -> int:
+        with self.lock:
+            return len(self._held_attaches)
 
     def wipe(self) -> None:
         with self.lock:
@@ -245,6 +262,11 @@ class ServiceBusPeer(Handler):
                 held, self._held = self._held, []
                 for d in held:
                     self._settled_by_client(d)
+            if not self._holding_attaches:
+                attaches, self._held_attaches = self._held_attaches, []
+                for link in attaches:
+                    if not link.state & Endpoint.REMOTE_CLOSED:
+                        self._attach(link)
             self._expire()
             self._pump_all()
         event.container.schedule(TICK, self)
@@ -260,6 +282,15 @@ class ServiceBusPeer(Handler):
 
     def on_link_remote_open(self, event: Any) -> None:
         link = event.link
+        address = (link.remote_source if link.is_sender else link.remote_target).address
+        node = _node(address)
+        with self.lock:
+            if self._holding_attaches and node != "$cbs" and not node.endswith("/$management"):
+                self._held_attaches.append(link)
+                return
+        self._attach(link)
+
+    def _attach(self, link: Link) -> None:
         link.source.copy(link.remote_source)
         link.target.copy(link.remote_target)
         link.snd_settle_mode = link.remote_snd_settle_mode
@@ -276,6 +307,9 @@ class ServiceBusPeer(Handler):
                     self._queue(node).consumers.append(link)
 
     def on_link_remote_close(self, event: Any) -> None:
+        with self.lock:
+            if event.link in self._held_attaches:
+                self._held_attaches.remove(event.link)
         self._forget(event.link)
         event.link.close()
 
