@@ -15,8 +15,9 @@ goes back exactly as it came (issue #14):
   run (the connection broke), the connection is invalidated instead of pooled.
 - ``transaction`` pooling (pgbouncer in transaction mode): a session setting would stay on
   whichever server connection ran it and reach pgbouncer's other clients, so each use is one
-  transaction that starts with ``SET LOCAL`` (two more round trips per claim or completion
-  batch: ``BEGIN`` + ``SET LOCAL`` before, ``COMMIT`` after, instead of an autocommit).
+  transaction that starts with ``SET LOCAL``. Measured through pgbouncer 1.18 (2 busy cores):
+  2.1 ms per empty claim against 1.1-1.6 ms autocommit without the setting, once per claim or
+  completion batch; without it a queue analysed while empty risks a scan per completion again.
 """
 
 from __future__ import annotations
