@@ -83,7 +83,7 @@ async def test_completion_joins_on_the_primary_key_beside_many_running_jobs(engi
     import uuid
 
     from polyqueue._conn import HeldConnection
-    from polyqueue.queries import _COMPLETE_MANY
+    from polyqueue.queries import _COMPLETE_MANY, NOTIFY_IDS_PER_PAYLOAD
 
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -106,6 +106,7 @@ async def test_completion_joins_on_the_primary_key_beside_many_running_jobs(engi
         "results": ["null"] * 100,
         "errors": [None] * 100,
         "delays": [0.0] * 100,
+        "per_notify": NOTIFY_IDS_PER_PAYLOAD,
     }
     held = HeldConnection(engine)  # the completer's kind of connection
     async with held.use() as conn:
