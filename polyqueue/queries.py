@@ -324,20 +324,25 @@ async def job_hand_back_unknown(
 
 
 async def job_stopped_by_operator(
-    conn: Executor, worker_id: uuid.UUID, attempts: Sequence[tuple[uuid.UUID, int]]
+    conn: Executor, attempts: Sequence[tuple[uuid.UUID, int, uuid.UUID]]
 ) -> set[uuid.UUID]:
-    """Of ``(job id, attempt)`` pairs this worker runs, those Postgres says were cancelled or failed
-    under it meanwhile (``admin cancel``/``fail``): the confirmation a cancel NOTIFY needs."""
+    """Of ``(job id, attempt, worker id)`` attempts a worker runs, those Postgres says were cancelled
+    or failed under that worker meanwhile (``admin cancel``/``fail``): the confirmation a cancel
+    NOTIFY needs."""
     if not attempts:
         return set()
     rows = await conn.execute(
         text(
             "SELECT j.id FROM polyqueue_jobs j "
-            "JOIN unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])) AS a(id, attempt) "
-            "ON j.id = a.id AND j.attempt = a.attempt "
-            "WHERE j.worker_id = :worker AND j.status IN ('cancelled', 'failed')"
+            "JOIN unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:workers AS uuid[])) "
+            "AS a(id, attempt, worker) ON j.id = a.id AND j.attempt = a.attempt AND j.worker_id = a.worker "
+            "WHERE j.status IN ('cancelled', 'failed')"
         ),
-        {"worker": worker_id, "ids": [a[0] for a in attempts], "attempts": [a[1] for a in attempts]},
+        {
+            "ids": [a[0] for a in attempts],
+            "attempts": [a[1] for a in attempts],
+            "workers": [a[2] for a in attempts],
+        },
     )
     return {row[0] for row in rows}
 

@@ -297,8 +297,8 @@ class Worker:
             return
         try:
             async with self.engine.connect() as conn:
-                attempts = [(c.job.id, c.job.attempt) for c in claims.values()]
-                stopped = await job_stopped_by_operator(conn, self.worker_id, attempts)
+                attempts = [(c.job.id, c.job.attempt, c.job.worker_id) for c in claims.values()]
+                stopped = await job_stopped_by_operator(conn, attempts)
         except Exception as exc:  # the heartbeat's reconcile looks again
             log.warning("checking %d cancelled jobs failed: %s", len(claims), exc)
             return
