@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from polyqueue.db import not_migrated, undefined_polyqueue_table
+from polyqueue.db import mask_url, not_migrated, undefined_polyqueue_table
 from polyqueue.errors import PayloadError
 from polyqueue.models import Job
 from polyqueue.queries import NEW_JOB_CHANNEL
@@ -50,11 +50,14 @@ def _validated_model(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> 
         raise PayloadError(f"payload for task {spec.name!r} is invalid: {describe_validation_error(exc)}") from exc
 
 
-def _check_size(spec: TaskSpec, body: bytes | str, *, what: str = "payload") -> None:
-    """Refuse ``body`` (JSON) over its limit, counted in UTF-8 bytes as Postgres stores it."""
+def _check_size(spec: TaskSpec, body: bytes | str, *, meta: bool = False) -> None:
+    """Refuse a payload (or ``meta``) whose JSON is over its limit, counted in UTF-8 bytes as
+    Postgres stores it, not in characters."""
     size = len(body.encode() if isinstance(body, str) else body)
-    limit, setting = (
-        (spec.max_payload_bytes, "max_payload_bytes") if what == "payload" else (spec.max_meta_bytes, "max_meta_bytes")
+    what, limit, setting = (
+        ("meta", spec.max_meta_bytes, "max_meta_bytes")
+        if meta
+        else ("payload", spec.max_payload_bytes, "max_payload_bytes")
     )
     if size > limit:
         raise PayloadError(
@@ -79,11 +82,16 @@ def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -
     return data
 
 
-def _translated(exc: ProgrammingError) -> Exception:
-    """The insert's error as the user can act on it: an unmigrated database is a ConfigurationError."""
-    if undefined_polyqueue_table(exc):
-        return not_migrated("the database")
-    return exc
+def _translated(session: AsyncSession, exc: ProgrammingError) -> Exception:
+    """The insert's error as the user can act on it: an unmigrated database is a ConfigurationError
+    naming it (masked). Only on this error path: the hot path makes no extra round trip."""
+    if not undefined_polyqueue_table(exc):
+        return exc
+    try:
+        where = mask_url(session.get_bind().engine.url)
+    except Exception:  # an unusual bind: say "the database"
+        where = "the database"
+    return not_migrated(where)
 
 
 def _resolve_run_at(run_at: dt.datetime | None, delay: float | dt.timedelta | None) -> dt.datetime | None:
@@ -137,7 +145,7 @@ def _meta(spec: TaskSpec, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     metrics hook injects (trace context)."""
     data = dict(meta or {})
     if data:
-        _check_size(spec, to_json(data), what="meta")
+        _check_size(spec, to_json(data), meta=True)
     spec.metrics.inject_meta(data)
     return dict(to_jsonable_python(data))
 
@@ -217,7 +225,7 @@ async def enqueue(
         try:
             inserted = (await session.execute(statement)).first()
         except ProgrammingError as exc:
-            raise _translated(exc) from exc
+            raise _translated(session, exc) from exc
         if inserted is not None:
             job: Job = inserted[0]
             spec.metrics.job_enqueued(spec.name, job.queue, 1)
@@ -299,7 +307,7 @@ async def enqueue_many(
     try:
         await session.execute(_INSERT_MANY, params)
     except ProgrammingError as exc:
-        raise _translated(exc) from exc
+        raise _translated(session, exc) from exc
     for (name, q), n in collections.Counter(zip(columns["tasks"], columns["queues"], strict=True)).items():
         tasks[name].metrics.job_enqueued(name, q, n)
     ids: list[uuid.UUID] = columns["ids"]

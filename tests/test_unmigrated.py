@@ -4,6 +4,7 @@ as one ConfigurationError, instead of a raw ``relation "polyqueue_jobs" does not
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import BaseModel
@@ -32,9 +33,9 @@ HINTS = ("polyqueue db upgrade", "alembic upgrade heads")
 
 
 @pytest.fixture
-async def bare(empty_db: URL) -> AsyncEngine:
+async def bare(empty_db: URL) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(empty_db, pool_size=2)
-    yield engine  # type: ignore[misc]
+    yield engine
     await engine.dispose()
 
 
@@ -48,6 +49,7 @@ async def test_enqueue_on_an_unmigrated_database_names_the_migration(bare: Async
         with pytest.raises(ConfigurationError) as raised:
             await enqueue(session, Ping(n=1))
     _says_how_to_migrate(raised.value)
+    assert str(bare.url.database) in str(raised.value)  # names the database (its URL, password masked)
 
 
 async def test_enqueue_many_on_an_unmigrated_database_names_the_migration(bare: AsyncEngine) -> None:
