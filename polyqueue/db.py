@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from polyqueue._redact import mask_secrets
 from polyqueue.errors import ConfigurationError
@@ -79,7 +80,9 @@ def make_engine(
         connect_args.setdefault("statement_cache_size", 0)
         kwargs["connect_args"] = connect_args
     kwargs.setdefault("hide_parameters", True)
-    return create_async_engine(parsed, pool_size=pool_size, pool_pre_ping=True, **kwargs)
+    if kwargs.get("poolclass") is not NullPool:  # a NullPool (one connection per use) takes no size
+        kwargs["pool_size"] = pool_size
+    return create_async_engine(parsed, pool_pre_ping=True, **kwargs)
 
 
 def mask_url(url: str | URL) -> str:

@@ -152,3 +152,12 @@ async def test_a_password_role_on_a_missing_database_logs_no_password(
         async with root.begin() as conn:
             await conn.execute(text(f"DROP ROLE {role}"))
         await root.dispose()
+
+
+def test_every_engine_hides_bound_parameters_pooled_or_not() -> None:
+    """make_engine is the one way polyqueue builds engines; a NullPool engine (Alembic's) goes through it too."""
+    from sqlalchemy.pool import NullPool
+
+    for engine in (make_engine(DSN, pool_size=2), make_engine(DSN, poolclass=NullPool)):
+        assert engine.sync_engine.hide_parameters
+        assert SECRET not in repr(engine)
