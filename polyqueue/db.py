@@ -125,7 +125,7 @@ def database_url(configured: SecretStr | str | None, embedded_dir: str, *, embed
 # -- is polyqueue's schema there? ------------------------------------------------------------------
 
 #: polyqueue's tables, which its migrations create.
-TABLES = ("polyqueue_jobs", "polyqueue_workers")
+TABLES = ("polyqueue_jobs", "polyqueue_workers", "polyqueue_leader")
 #: What to run when they are missing.
 UPGRADE_HINT = (
     "run `polyqueue db upgrade` (or `alembic upgrade heads`, with polyqueue's revisions in your Alembic history)"

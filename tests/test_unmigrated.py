@@ -84,6 +84,6 @@ async def test_run_relay_on_an_unmigrated_database_fails_at_start(bare: AsyncEng
 
 async def test_one_check_for_the_tables(bare: AsyncEngine, engine: AsyncEngine) -> None:
     async with bare.connect() as conn:
-        assert await missing_tables(conn) == ["polyqueue_jobs", "polyqueue_workers"]
+        assert await missing_tables(conn) == ["polyqueue_jobs", "polyqueue_leader", "polyqueue_workers"]
     async with engine.connect() as conn:
         assert await missing_tables(conn) == []

@@ -24,7 +24,9 @@ import typer
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from pydantic import SecretStr, ValidationError
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InternalError, NotSupportedError, ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._redact import mask_secrets, printable
 from polyqueue.db import (
@@ -195,13 +197,20 @@ def head_revisions() -> list[str]:
     return sorted(ScriptDirectory(str(Path(VERSION_LOCATION).parent)).get_heads())
 
 
+def one_shot_engine(url: str | URL) -> AsyncEngine:
+    """A one-connection engine for one command. Its statements are never prepared and cached:
+    a command runs a few of them, and so it works behind any pooler, pgbouncer in transaction
+    mode included, whatever ``pool_mode`` says."""
+    return make_engine(url, pool_size=1, transaction_pooling=True, connect_args={"timeout": CONNECT_TIMEOUT})
+
+
 async def check_schema(url: str, *, wait: float = 0.0) -> None:
     """Fail with a hint unless polyqueue's tables exist (and, when the standalone path
     manages them, are at this version's head). While the database is unreachable, retry
     for up to ``wait`` seconds first."""
     from polyqueue.migrations import current
 
-    engine = make_engine(url, pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
+    engine = one_shot_engine(url)
 
     async def look() -> tuple[bool, list[str]]:
         async with engine.connect() as conn:

@@ -9,14 +9,14 @@ import typer
 
 from polyqueue import migrations
 from polyqueue.cli._common import (
-    CONNECT_TIMEOUT,
     EmbeddedOption,
     cli_errors,
     head_revisions,
     load_settings,
+    one_shot_engine,
     resolve_url,
 )
-from polyqueue.db import make_engine, mask_url, missing_tables
+from polyqueue.db import mask_url, missing_tables
 from polyqueue.settings import secret_value
 
 __all__ = ["db_app"]
@@ -52,7 +52,7 @@ def _describe(revisions: list[str], installed: bool) -> str:
 
 
 async def _state(url: str) -> tuple[list[str], bool]:
-    engine = make_engine(url, pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
+    engine = one_shot_engine(url)
     try:
         async with engine.connect() as conn:
             installed = "polyqueue_jobs" not in await missing_tables(conn)
@@ -62,7 +62,7 @@ async def _state(url: str) -> tuple[list[str], bool]:
 
 
 async def _apply(url: str, revision: str, up: bool) -> tuple[list[str], bool]:
-    engine = make_engine(url, pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
+    engine = one_shot_engine(url)
     try:
         if up:
             await migrations.upgrade(engine, revision)
@@ -132,7 +132,7 @@ async def _install_pgmq(url: str) -> str:
     from polyqueue.brokers.pgmq import split_url
     from polyqueue.pgmq_install import bundled_pgmq_version, install_pgmq
 
-    engine = make_engine(split_url(url)[0], pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
+    engine = one_shot_engine(split_url(url)[0])
     try:
         how = await install_pgmq(engine)
     finally:

@@ -18,16 +18,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue import inspect as views
 from polyqueue.cli._common import (
-    CONNECT_TIMEOUT,
     EmbeddedOption,
     check_schema,
     clean,
     cli_errors,
     fail,
     load_settings,
+    one_shot_engine,
     resolve_url,
 )
-from polyqueue.db import make_engine
 from polyqueue.types import JobStatus
 
 __all__ = [
@@ -69,7 +68,7 @@ def run_with_engine(
 
         async def go() -> T:
             await check_schema(url[0])
-            engine = make_engine(url[0], pool_size=1, connect_args={"timeout": CONNECT_TIMEOUT})
+            engine = one_shot_engine(url[0])
             try:
                 return await work(engine)
             finally:

@@ -97,7 +97,7 @@ async def _connection(target: _Target) -> AsyncIterator[AsyncConnection]:
     if isinstance(target, AsyncConnection):
         yield target
         return
-    engine = target if isinstance(target, AsyncEngine) else make_engine(target, pool_size=1)
+    engine = target if isinstance(target, AsyncEngine) else make_engine(target, pool_size=1, transaction_pooling=True)
     try:
         async with engine.begin() as conn:
             yield conn

@@ -17,9 +17,8 @@ import asyncio
 from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
-from polyqueue.db import asyncpg_url
+from polyqueue.db import make_engine
 from polyqueue.migrations import VERSION_TABLE
 from polyqueue.models import metadata
 
@@ -56,7 +55,7 @@ def do_run_migrations(connection: Connection) -> None:
 
 async def run_async_migrations(url: str) -> None:
     """Fallback when Alembic is driven without a shared connection."""
-    engine = create_async_engine(asyncpg_url(url), poolclass=pool.NullPool)
+    engine = make_engine(url, poolclass=pool.NullPool, transaction_pooling=True)
     try:
         async with engine.begin() as connection:
             await connection.run_sync(do_run_migrations)
