@@ -186,7 +186,7 @@ async def test_close_returns_blocked_receive(harness: Harness) -> None:
     assert loop.time() - started < 1.5  # returned by close(), not by its own wait running out
 
 
-@pytest.mark.parametrize("body", [b"not json", b'{"id": "not-a-uuid"}', b'["a list"]', None])
+@pytest.mark.parametrize("body", [b"not json", b'{"id": "not-a-uuid"}', b'["a list"]', b"[" * 2000, None])
 async def test_malformed_message_is_acked_for_good(harness: Harness, body: bytes | None) -> None:
     lease = 1.0
     broker = await harness.make(lease_seconds=lease)
