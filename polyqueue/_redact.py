@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_MESSAGE_CHARS", "MAX_TRACEBACK_CHARS", "cap", "mask_secrets", "printable"]
+__all__ = ["MAX_MESSAGE_CHARS", "MAX_TRACEBACK_CHARS", "cap", "clean", "mask_secrets", "printable"]
 
 #: Longest error message stored per attempt; the rest is cut, with a marker.
 MAX_MESSAGE_CHARS = 2_000
@@ -20,15 +20,28 @@ MAX_TRACEBACK_CHARS = 8_000
 
 MASK = "***"
 
-# scheme://user:password@host  →  scheme://user:***@host
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@'\"]*:)(?P<secret>[^\s@/'\"]+)(?=@)")
-# key=value / key: value pairs whose key says it holds a secret (DSNs, connection strings, headers)
+# scheme://user:password@host  →  scheme://user:***@host. Every repetition is bounded, so a
+# match attempt costs O(1) and masking O(n): an unbounded scheme made a 200,000-character
+# message take 33 s (quadratic), long enough to get a worker declared dead.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>(?<![A-Za-z0-9+.\-])[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://[^\s:/@'\"]{0,256}:)"
+    r"(?P<secret>[^\s'\"]{1,256})(?=@)"  # up to the last '@' of the URL: a password may hold '@' and '/'
+)
+_SECRET_KEYS = (
+    r"password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|private[_-]?key|"
+    r"sharedaccesskey|accountkey|authorization|credentials?"
+)
+# key=value, key: value, "key": "value", DB_PASSWORD=..., PGPASSWORD=..., client_secret=...,
+# Authorization: Bearer ... (DSNs, connection strings, headers, dict and JSON reprs)
 _KEY_VALUE = re.compile(
-    r"(?P<head>\b(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|"
-    r"sharedaccesskey|accountkey|sig|authorization|aws_secret_access_key|aws_session_token)"
-    r"\s*[=:]\s*['\"]?)(?P<secret>(?:Bearer\s+|Basic\s+)?[^\s;&,)'\"]+)",
+    r"(?P<head>(?<![A-Za-z0-9])(?:[A-Za-z0-9]{1,32}[_-]?)??(?:" + _SECRET_KEYS + r")['\"]?\s{0,8}[=:]\s{0,8})"
+    r"(?P<secret>'[^'\n]{0,512}'|\"[^\"\n]{0,512}\"|(?:Bearer|Basic|Token|Digest)\s+[^\s;&,)'\"]+|[^\s;&,)'\"]+)",
     re.IGNORECASE,
 )
+# an SAS token's signature in a URL query: ...&sig=...
+_SIGNATURE = re.compile(r"(?P<head>[?&]sig=)(?P<secret>[^\s&'\"]+)", re.IGNORECASE)
+# asyncpg quotes the value it could not encode: "invalid input for query argument $1: 'value' (why)"
+_QUERY_ARGUMENT = re.compile(r"(?P<head>query argument \$\d{1,5}: )(?P<secret>.{1,512}?)(?= \(|$)", re.MULTILINE)
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL/ST), other ESC sequences and C0/C1 controls except \t and \n
 _CONTROL = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
@@ -36,9 +49,19 @@ _CONTROL = re.compile(
 
 
 def mask_secrets(text: str) -> str:
-    """``text`` with the passwords of URLs and the values of secret-named keys replaced by ``***``."""
-    text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK, text)
-    return _KEY_VALUE.sub(lambda m: m["head"] + MASK, text)
+    """``text`` with the passwords of URLs and the values of secret-named keys replaced by ``***``.
+
+    Linear in the length of ``text``; still, cap untrusted text before masking it (:func:`clean`).
+    """
+    for pattern in (_URL_PASSWORD, _KEY_VALUE, _SIGNATURE, _QUERY_ARGUMENT):
+        text = pattern.sub(lambda m: m["head"] + MASK, text)
+    return text
+
+
+def clean(text: str, limit: int) -> str:
+    """Stored text: capped (before masking too, so a huge message costs nothing), credentials
+    masked, NUL characters removed (Postgres text and JSONB cannot hold them)."""
+    return cap(mask_secrets(cap(text, limit + 512)).replace("\x00", ""), limit)
 
 
 def cap(text: str, limit: int, *, keep: str = "start") -> str:

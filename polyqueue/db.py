@@ -91,7 +91,7 @@ def mask_url(url: str | URL) -> str:
         parsed = make_url(url) if isinstance(url, str) else url
     except Exception:
         return "<unparseable URL>"
-    return parsed.render_as_string(hide_password=True)
+    return mask_secrets(parsed.render_as_string(hide_password=True))  # ?password=... too
 
 
 #: Why a program without a database URL refuses to start (one line, naming the setting).

@@ -252,20 +252,26 @@ async def job_hand_back(conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid
 _HAND_BACK_UNKNOWN = text(
     """
     WITH j0 AS (
-        SELECT id,
-               (SELECT min((e->>'at')::timestamptz) FROM jsonb_array_elements(errors) e
-                 WHERE e->>'type' = 'UnknownTaskError') AS since,
-               (SELECT count(*) FROM jsonb_array_elements(errors) e
-                 WHERE e->>'type' = 'UnknownTaskError') AS times,
-               (SELECT string_agg(DISTINCT e->>'worker', ', ') FROM jsonb_array_elements(errors) e
-                 WHERE e->>'type' = 'UnknownTaskError' AND e->>'worker' <> CAST(:label AS text)) AS lacking
-        FROM polyqueue_jobs
+        SELECT id, errors FROM polyqueue_jobs
         WHERE id = :id AND worker_id = :worker AND attempt = :attempt AND status = 'running'
         FOR UPDATE
+    ), recs AS (
+        -- this job's hand-backs since it last gave up (an operator may have requeued it since)
+        SELECT e.rec FROM j0, jsonb_array_elements(j0.errors) WITH ORDINALITY AS e(rec, n)
+        WHERE e.rec->>'type' = 'UnknownTaskError' AND e.rec ? 'worker'
+          AND e.n > coalesce((SELECT max(g.n) FROM jsonb_array_elements(j0.errors) WITH ORDINALITY AS g(rec, n)
+                              WHERE g.rec->>'gave_up' = 'true'), 0)
+    ), j1 AS (
+        SELECT j0.id,
+               (SELECT min((rec->>'at')::timestamptz) FROM recs) AS since,
+               (SELECT count(*) FROM recs) AS times,
+               (SELECT string_agg(DISTINCT rec->>'worker', ', ') FROM recs
+                 WHERE rec->>'worker' <> CAST(:label AS text)) AS lacking
+        FROM j0
     ), d AS (
         SELECT id, coalesce(since, now()) <= now() - :grace * interval '1 second' AS give_up,
                times, concat_ws(', ', lacking, CAST(:label AS text)) AS lacking
-        FROM j0
+        FROM j1
     ), upd AS (
         UPDATE polyqueue_jobs j SET
             status = CASE WHEN d.give_up THEN 'failed' ELSE 'pending' END,
@@ -275,10 +281,11 @@ _HAND_BACK_UNKNOWN = text(
             finished_at = CASE WHEN d.give_up THEN now() END,
             timeout_at = NULL,
             run_at = CASE WHEN d.give_up THEN j.run_at
-                          ELSE now() + least(CAST(:max_delay AS float8), 0.5 * power(2, d.times))
+                          ELSE now() + least(CAST(:max_delay AS float8), 0.5 * power(2, least(d.times, 16)))
                                        * interval '1 second' END,
             errors = j.errors || jsonb_build_array(jsonb_build_object(
                 'attempt', j.attempt, 'at', now(), 'worker', CAST(:label AS text), 'type', 'UnknownTaskError',
+                'gave_up', d.give_up,
                 'message', CASE WHEN d.give_up
                     THEN 'no worker that claimed it has a handler for task ' || quote_literal(j.task)
                          || ' within unknown_task_grace (' || CAST(:grace AS float8)

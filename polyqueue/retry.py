@@ -27,7 +27,9 @@ class Backoff:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before the attempt after ``attempt`` (1-based) failed."""
-        raw = min(self.maximum, self.base * self.factor ** max(0, attempt - 1))
+        # The exponent is clamped: past 2**64 every delay is the maximum anyway, and a float power
+        # overflows (a relay retrying a 13-minute outage reached attempt 1,025 and crashed).
+        raw = min(self.maximum, self.base * self.factor ** min(max(0, attempt - 1), 64))
         if not self.jitter:
             return raw
         r = (rng or random).random()

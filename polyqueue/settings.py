@@ -123,12 +123,14 @@ class Settings(BaseSettings):
     unknown_task_grace: float = Field(
         default=900.0,
         ge=0,
+        le=30 * 24 * 3600.0,
         description="Seconds a job whose task no worker that claimed it knows is handed back (a rolling "
         "deploy) before it fails naming the task and the workers that lacked it.",
     )
     blocked_loop_threshold: float = Field(
         default=1.0,
         gt=0,
+        le=3600.0,
         description="A worker's event loop blocked longer than this (a handler calling blocking code) is "
         "logged with the jobs that were running, and counted in the metrics.",
     )

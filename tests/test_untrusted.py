@@ -22,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import JobFailedError, Polyqueue, enqueue, wait_for_result
+from polyqueue import JobContext, JobFailedError, Polyqueue, Retry, enqueue, wait_for_result
 from polyqueue.brokers import make_broker
 from polyqueue.brokers.base import Message, encode_message
 from polyqueue.db import make_engine
@@ -403,3 +403,104 @@ def test_worker_label_names_host_and_pid(engine: AsyncEngine) -> None:
     import os
 
     assert Worker(app, engine).label.endswith(f":{os.getpid()}")
+
+
+# -- outcomes Postgres refuses, parameters of the app's own engine --------------------------------
+class Odd(BaseModel):
+    kind: str
+
+
+@app.register(max_attempts=3)
+async def odd_outcome(payload: Odd) -> str:
+    if payload.kind == "nul-result":
+        return "a\x00b"
+    if payload.kind == "nul-error":
+        raise RuntimeError("bad\x00byte")
+    if payload.kind == "huge-delay":
+        raise Retry(delay=1e300)  # `now() + delay` is out of Postgres's range
+    return "fine"
+
+
+async def test_an_outcome_postgres_refuses_fails_its_job_alone(engine: AsyncEngine) -> None:
+    """A NUL in a result or message, or a delay past Postgres's range, once failed the whole
+    completion batch, retried forever, and held back every later outcome of the worker."""
+    kinds = ["nul-result", "nul-error", "huge-delay", *["fine"] * 20]
+    async with AsyncSession(engine) as session, session.begin():
+        ids = {kind + str(n): (await enqueue(session, Odd(kind=kind))).id for n, kind in enumerate(kinds)}
+    batched = make_app(completion_flush_interval=0.5)  # the outcomes meet in one batch
+    batched.tasks.update(app.tasks)
+    async with running_worker(batched, engine):
+
+        async def all_settled() -> bool:
+            n = await scalar(
+                engine,
+                "SELECT count(*) FROM polyqueue_jobs WHERE status IN ('succeeded', 'failed') OR attempt > 1",
+            )
+            return bool(n == len(kinds))
+
+        await wait_until(all_settled, what="every outcome to be written")
+    status, _, errors = await _status(engine, ids["nul-result0"])
+    assert status == "failed" and errors[-1]["type"] == "ResultNotSerializable" and "NUL" in errors[-1]["message"]
+    status, _, errors = await _status(engine, ids["nul-error1"])
+    assert status in ("pending", "running", "succeeded", "failed") and errors[0]["message"] == "badbyte"
+    status, _, errors = await _status(engine, ids["huge-delay2"])
+    assert status == "failed" and errors[-1]["type"] == "OutcomeNotStored"
+    assert "out of range" in errors[-1]["message"]
+    fine = [v for k, v in ids.items() if k.startswith("fine")]
+    assert await scalar(
+        engine, "SELECT count(*) FROM polyqueue_jobs WHERE id = ANY(:ids) AND status = 'succeeded'", ids=fine
+    ) == len(fine)
+
+
+class Query(BaseModel):
+    secret: str
+
+
+async def test_sql_parameters_of_the_apps_own_engine_are_not_stored(db_url: URL) -> None:
+    """The app's engine (passed to the worker) does not hide parameters; a failing statement
+    with a secret parameter inside a handler must not store it."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    own = create_async_engine(db_url.set(drivername="postgresql+asyncpg"))
+    leaky = make_app()
+
+    @leaky.register(max_attempts=1)
+    async def bad_query(payload: Query, ctx: JobContext) -> None:
+        await ctx.session.execute(text("SELECT 1 / 0 WHERE CAST(:v AS text) IS NOT NULL"), {"v": payload.secret})
+
+    try:
+        job_id = await _enqueue(own, Query(secret="hunter2-not-a-number"), task="bad_query")
+        async with running_worker(leaky, own):
+            await wait_until(lambda: _is(own, job_id, "failed"), what="the job to fail")
+        (error,) = (await _status(own, job_id))[2]
+        assert "hunter2" not in error["message"] and "hunter2" not in (error["traceback"] or "")
+        assert "division by zero" in error["message"]
+    finally:
+        await own.dispose()
+
+
+async def test_an_unknown_task_requeued_after_giving_up_gets_a_new_grace(engine: AsyncEngine) -> None:
+    job_id = await _enqueue(engine, Fresh(n=5))
+    impatient = make_app(unknown_task_grace=0)
+    impatient.tasks.update(old_app.tasks)
+    async with running_worker(impatient, engine):
+        await wait_until(lambda: _is(engine, job_id, "failed"), what="the job to fail at once")
+    async with engine.begin() as conn:  # an hour later, `admin requeue` (errors are kept)
+        await conn.execute(
+            text(
+                "UPDATE polyqueue_jobs SET status = 'pending', finished_at = NULL, worker_id = NULL, "
+                "errors = (SELECT jsonb_agg(e || jsonb_build_object('at', now() - interval '1 hour')) "
+                "          FROM jsonb_array_elements(errors) e) WHERE id = :id"
+            ),
+            {"id": job_id},
+        )
+    patient = make_app(unknown_task_grace=60)  # 60 s from the requeue, not from the hour-old records
+    patient.tasks.update(old_app.tasks)
+    async with running_worker(patient, engine):
+
+        async def handed_back() -> bool:
+            return len((await _status(engine, job_id))[2]) >= 2
+
+        await wait_until(handed_back, what="a hand-back after the requeue")
+    status, _, errors = await _status(engine, job_id)
+    assert status in ("pending", "running") and errors[0]["gave_up"] is True and errors[-1]["gave_up"] is False

@@ -10,10 +10,12 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._conn import HeldConnection
 from polyqueue.queries import Outcome, job_complete_many
+from polyqueue.worker.executor import error_record
 
 __all__ = ["Completer"]
 
@@ -21,6 +23,17 @@ log = logging.getLogger("polyqueue.worker")
 
 #: Called after a flush with whether the outcome was written (False: the attempt was no longer owned).
 AfterWrite = Callable[[Outcome, bool], Awaitable[None] | None]
+
+
+def _refused_data(exc: DBAPIError) -> bool:
+    """Postgres refused a value (SQLSTATE class 22, data exception: text JSONB cannot hold, an
+    interval out of range), as opposed to a connection or server problem worth retrying."""
+    return str(getattr(exc.orig, "sqlstate", None) or "").startswith("22")
+
+
+def _first_line(exc: DBAPIError) -> str:
+    text = str(exc.orig if exc.orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Completer:
@@ -79,42 +92,83 @@ class Completer:
         while self._buffer:
             try:
                 await self.flush()
-            except Exception as exc:  # connection lost, Postgres restarting: keep the outcomes, try again
+            except Exception as exc:
+                if isinstance(exc, DBAPIError) and _refused_data(exc):
+                    # One outcome Postgres refuses must not hold back the others.
+                    log.error("writing %d job outcomes failed (%s); writing them one by one", len(self._buffer), exc)
+                    await self._isolate()
+                    continue
+                # Connection lost, Postgres restarting: keep the outcomes, try again.
                 log.warning("writing %d job outcomes failed, retrying in %.1fs: %s", len(self._buffer), delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _isolate(self) -> None:
+        """Write the next batch's outcomes one at a time; one that Postgres refuses (a value out of
+        range, text JSONB cannot hold) is replaced by a failure that says why, so its job ends and
+        the outcomes behind it are written."""
+        batch = self._take(self._batch_size)
+        for i, (outcome, after) in enumerate(batch):
+            try:
+                try:
+                    await self._write([(outcome, after)])
+                except DBAPIError as exc:
+                    if not _refused_data(exc):
+                        raise
+                    reason = f"its outcome ({outcome.status}) could not be stored: {_first_line(exc)}"
+                    error = error_record(outcome.attempt, "OutcomeNotStored", reason)
+                    failed = Outcome(outcome.job_id, outcome.attempt, outcome.worker_id, "failed", error_json=error)
+                    await self._write([(failed, after)])
+            except BaseException:
+                self._buffer[:0] = batch[i:]  # not written: kept for the next try
+                self._has_items.set()
+                raise
 
     async def flush(self) -> None:
         """Write everything buffered now (in batches)."""
         while self._buffer:
             batch = self._buffer[: self._batch_size]
-            async with self._conn.use() as conn:
-                written = await job_complete_many(conn, [o for o, _ in batch])
-            del self._buffer[: len(batch)]
-            if not self._buffer:
-                self._has_items.clear()
-            if len(self._buffer) < self._batch_size:
-                self._full.clear()
-            if len(self._buffer) < self.max_backlog:
-                self._room.set()
-            self.written += len(written)
-            for outcome, after in batch:
-                ok = outcome.job_id in written
-                if not ok:
-                    log.warning(
-                        "job %s attempt %d: outcome %s discarded, the worker no longer owns the attempt "
-                        "(rescued, cancelled or re-claimed meanwhile)",
-                        outcome.job_id,
-                        outcome.attempt,
-                        outcome.status,
-                    )
-                if after is not None:
-                    try:
-                        res = after(outcome, ok)
-                        if res is not None:
-                            await res
-                    except Exception:
-                        log.exception("after-write callback for job %s failed", outcome.job_id)
+            await self._write(batch, remove=True)
+
+    def _take(self, count: int) -> list[tuple[Outcome, AfterWrite | None]]:
+        batch = self._buffer[:count]
+        del self._buffer[: len(batch)]
+        self._update_flags()
+        return batch
+
+    def _update_flags(self) -> None:
+        if not self._buffer:
+            self._has_items.clear()
+        if len(self._buffer) < self._batch_size:
+            self._full.clear()
+        if len(self._buffer) < self.max_backlog:
+            self._room.set()
+
+    async def _write(self, batch: list[tuple[Outcome, AfterWrite | None]], *, remove: bool = False) -> None:
+        """Write ``batch`` in one statement (``remove``: it is the buffer's head, dropped once written)
+        and run each outcome's after-write callback."""
+        async with self._conn.use() as conn:
+            written = await job_complete_many(conn, [o for o, _ in batch])
+        if remove:
+            self._take(len(batch))
+        self.written += len(written)
+        for outcome, after in batch:
+            ok = outcome.job_id in written
+            if not ok:
+                log.warning(
+                    "job %s attempt %d: outcome %s discarded, the worker no longer owns the attempt "
+                    "(rescued, cancelled or re-claimed meanwhile)",
+                    outcome.job_id,
+                    outcome.attempt,
+                    outcome.status,
+                )
+            if after is not None:
+                try:
+                    res = after(outcome, ok)
+                    if res is not None:
+                        await res
+                except Exception:
+                    log.exception("after-write callback for job %s failed", outcome.job_id)
 
     async def close(self) -> None:
         """Flush what is left and stop."""

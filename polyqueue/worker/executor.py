@@ -9,24 +9,43 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
+from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._redact import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS, cap, mask_secrets
+from polyqueue._redact import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS, cap, clean
 from polyqueue.context import JobContext
 from polyqueue.errors import Retry, TerminalError
 from polyqueue.queries import ClaimedJob, Outcome
 from polyqueue.registry import TaskSpec
 from polyqueue.types import TimeoutStrategy
 
-__all__ = ["TimeLimitExceeded", "error_record", "execute", "retry_or_fail"]
+__all__ = ["TimeLimitExceeded", "error_record", "execute", "hide_sql_parameters", "retry_or_fail"]
 
 log = logging.getLogger("polyqueue.worker")
+
+
+#: A JSON-escaped NUL (``\u0000`` after an even run of backslashes): JSONB refuses it, and one
+#: such outcome failed the whole completion batch it was written in.
+_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def hide_sql_parameters(exc: BaseException) -> None:
+    """Make a SQLAlchemy error (and its chained causes) print without its bound parameters: they
+    hold payloads and results, and the handler's engine may not set ``hide_parameters``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StatementError):
+            current.hide_parameters = True
+        current = current.__cause__ or current.__context__
 
 
 class TimeLimitExceeded(Exception):
@@ -45,7 +64,7 @@ def error_record(attempt: int, kind: str, message: str, tb: str | None = None) -
             "attempt": attempt,
             "at": dt.datetime.now(dt.UTC).isoformat(),
             "type": kind,
-            "message": cap(mask_secrets(message), MAX_MESSAGE_CHARS),
+            "message": clean(message, MAX_MESSAGE_CHARS),
             "traceback": None if tb is None else _stored_traceback(tb),
         }
     ).decode()
@@ -54,8 +73,9 @@ def error_record(attempt: int, kind: str, message: str, tb: str | None = None) -
 def _stored_traceback(tb: str) -> str:
     # Each line capped first: a huge exception message is the traceback's last line, and keeping
     # only the end of the whole would keep nothing but that message.
-    lines = (cap(line, MAX_MESSAGE_CHARS) for line in mask_secrets(tb).splitlines())
-    return cap("\n".join(lines), MAX_TRACEBACK_CHARS, keep="end")
+    lines = [cap(line, MAX_MESSAGE_CHARS + 512) for line in tb.splitlines()]  # slicing: cheap
+    tail = cap("\n".join(lines), 2 * MAX_TRACEBACK_CHARS, keep="end").splitlines()
+    return cap("\n".join(clean(line, MAX_MESSAGE_CHARS) for line in tail), MAX_TRACEBACK_CHARS, keep="end")
 
 
 def _failed(job: ClaimedJob, kind: str, message: str, tb: str | None = None) -> Outcome:
@@ -135,12 +155,19 @@ async def execute(
     except Retry as exc:
         return retry_or_fail(job, spec, "Retry", str(exc), None, exc.delay), ctx
     except Exception as exc:
+        hide_sql_parameters(exc)
         return retry_or_fail(job, spec, type(exc).__name__, str(exc), traceback.format_exc(), None), ctx
     try:
         result = to_json(value)
     except (PydanticSerializationError, TypeError, ValueError) as exc:
         return _failed(
             job, "ResultNotSerializable", f"result of task {job.task!r} is not JSON-serialisable: {exc}"
+        ), ctx
+    if _NUL.search(result):
+        return _failed(
+            job,
+            "ResultNotSerializable",
+            f"result of task {job.task!r} contains a NUL character (U+0000), which Postgres JSONB cannot store",
         ), ctx
     if len(result) > spec.max_result_bytes:  # bytes of UTF-8, as stored
         return _failed(

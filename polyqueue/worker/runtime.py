@@ -45,7 +45,7 @@ from polyqueue.registry import Polyqueue
 from polyqueue.relay import Relay, ensure_queues
 from polyqueue.settings import secret_value
 from polyqueue.worker.completer import Completer
-from polyqueue.worker.executor import execute, retry_or_fail
+from polyqueue.worker.executor import execute, hide_sql_parameters, retry_or_fail
 from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSource
 from polyqueue.worker.watchdog import LoopWatchdog
 
@@ -113,6 +113,7 @@ class Worker:
         self.listener.subscribe(CANCEL_CHANNEL, self._on_cancel)
         self._cancel_requested: set[uuid.UUID] = set()
         self._checks: set[asyncio.Task[None]] = set()  # cancel NOTIFYs being confirmed against their rows
+        self._finishing: set[uuid.UUID] = set()  # jobs whose handler returned: their outcome is being written
         self.source: JobSource = (
             DirectSource(engine, self.listener, self.queues, s.poll_interval, transaction_pooling=pooled)
             if broker is None
@@ -303,7 +304,9 @@ class Worker:
             log.warning("checking %d cancelled jobs failed: %s", len(claims), exc)
             return
         for task, claim in list(self._running.items()):
-            if claim.job.id in stopped and claims.get(claim.job.id) is claim:
+            # A job whose outcome exists already was stopped by us (its failure is being written),
+            # not by an operator: its task only waits for the write.
+            if claim.job.id in stopped and claims.get(claim.job.id) is claim and claim.job.id not in self._finishing:
                 log.info("job %s was stopped by an operator; cancelling its handler", claim.job.id)
                 self._cancel_requested.add(claim.job.id)
                 task.cancel()
@@ -357,6 +360,7 @@ class Worker:
                     self._report(job, "cancelled", time.perf_counter() - began, None)
                     await self.source.done(claim)  # Postgres already says cancelled
                     return
+                self._finishing.add(job.id)
                 self._report(job, _outcome_name(outcome), time.perf_counter() - began, outcome.error_type)
                 if ctx is not None and ctx.session_used:
                     await self._complete_in_session(ctx, outcome, claim)
@@ -365,6 +369,8 @@ class Worker:
                     await self.completer.wait_for_room()  # backpressure: keep the slot while writes lag
                 self.processed += 1
             finally:
+                self._finishing.discard(job.id)
+                self._cancel_requested.discard(job.id)
                 if ctx is not None and ctx.session_used:
                     await asyncio.shield(ctx.session.close())
 
@@ -409,6 +415,7 @@ class Worker:
                 await self.source.done(claim)
                 return
             except Exception as exc:
+                hide_sql_parameters(exc)  # the app's engine may not hide them; they hold the result
                 with contextlib.suppress(Exception):
                     await session.rollback()
                 log.error("job %s: committing the handler's transaction failed: %s", outcome.job_id, exc)
