@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -63,6 +64,10 @@ def asyncpg_url(url: str | URL) -> URL:
     return parsed.set(drivername="postgresql+asyncpg")
 
 
+def _unique_statement_name() -> str:
+    return f"__polyqueue_{uuid.uuid4().hex}__"
+
+
 def make_engine(
     url: str | URL, *, pool_size: int = 10, transaction_pooling: bool = False, **kwargs: Any
 ) -> AsyncEngine:
@@ -78,6 +83,9 @@ def make_engine(
         parsed = parsed.update_query_dict({"prepared_statement_cache_size": "0"})
         connect_args = dict(kwargs.pop("connect_args", None) or {})
         connect_args.setdefault("statement_cache_size", 0)
+        # asyncpg before 0.31 names the statements it prepares even with the cache off: unique
+        # names keep two clients sharing one server connection from colliding.
+        connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
         kwargs["connect_args"] = connect_args
     kwargs.setdefault("hide_parameters", True)
     if kwargs.get("poolclass") is not NullPool:  # a NullPool (one connection per use) takes no size

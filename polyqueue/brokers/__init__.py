@@ -52,7 +52,12 @@ def make_broker(settings: Settings, *, database_url: str | None = None) -> Broke
             ) from exc
         raise
     broker_url = secret_value(settings.broker_url)
-    config = BrokerConfig(broker_url, settings.lease_seconds, database_url or secret_value(settings.database_url))
+    config = BrokerConfig(
+        broker_url,
+        settings.lease_seconds,
+        database_url or secret_value(settings.database_url),
+        transaction_pooling=settings.pool_mode == "transaction",
+    )
     try:
         broker: Broker = module.create(config)
     except ConfigurationError as exc:

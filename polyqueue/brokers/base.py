@@ -77,9 +77,10 @@ class Capabilities:
 class BrokerConfig:
     """What an adapter's ``create(config)`` gets from the settings (adapters never see Settings)."""
 
-    url: str | None
+    url: str | None = field(repr=False)  # may hold a password or a SAS key
     lease_seconds: float
-    database_url: str | None = None  # for brokers living in Postgres (PGMQ)
+    database_url: str | None = field(default=None, repr=False)  # for brokers living in Postgres (PGMQ)
+    transaction_pooling: bool = False  # database_url goes through pgbouncer in transaction mode (PGMQ)
 
 
 @runtime_checkable

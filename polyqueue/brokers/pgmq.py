@@ -115,6 +115,7 @@ class PgmqBroker:
         poll_interval: float = 0.1,
         same_database: bool = False,
         pool_size: int = 5,
+        transaction_pooling: bool = False,
     ) -> None:
         parsed, options = split_url(url)
         self.queue_prefix = options.get("queue_prefix", queue_prefix)
@@ -131,7 +132,9 @@ class PgmqBroker:
             f"{parsed.host or parsed.query.get('host') or 'localhost'}:{parsed.port or 5432}/{parsed.database}"
         )
         # pre-ping: a pooled connection a server restart killed is replaced on checkout, not reported
-        self._engine = make_engine(parsed, pool_size=pool_size, connect_args={"timeout": 10})
+        self._engine = make_engine(
+            parsed, pool_size=pool_size, transaction_pooling=transaction_pooling, connect_args={"timeout": 10}
+        )
         self._vt = max(1, math.ceil(lease_seconds))
         self._names: dict[str, str] = {}
         self._ensured: set[str] = set()
@@ -433,4 +436,6 @@ def create(config: BrokerConfig) -> PgmqBroker:
     same = config.url is None or (
         config.database_url is not None and split_url(config.url)[0] == asyncpg_url(config.database_url)
     )
-    return PgmqBroker(url, lease_seconds=config.lease_seconds, same_database=same)
+    return PgmqBroker(
+        url, lease_seconds=config.lease_seconds, same_database=same, transaction_pooling=config.transaction_pooling
+    )
