@@ -51,14 +51,7 @@ async def run_worker(
     if queues is not None:
         _check_queues(queues)
     own_engine = engine is None
-    engine = engine or _engine(s, pool_size=8)
-    try:
-        await require_tables(engine, wait=s.startup_wait)
-        broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
-    except BaseException:
-        if own_engine:
-            await _bounded_dispose(engine)
-        raise
+    engine, broker = await _connect(s, engine, broker, pool_size=8)
     worker = Worker(
         app,
         engine,
@@ -98,6 +91,23 @@ def _engine(s: Settings, *, pool_size: int) -> AsyncEngine:
         pool_size=pool_size,
         transaction_pooling=s.pool_mode == "transaction",
     )
+
+
+async def _connect(
+    s: Settings, engine: AsyncEngine | None, broker: Broker | None, *, pool_size: int
+) -> tuple[AsyncEngine, Broker | None]:
+    """The engine (made from settings unless given) once its database holds polyqueue's tables, and
+    the broker (made from settings unless given; None in direct mode). An engine made here is
+    disposed of when this fails."""
+    own = engine is None
+    engine = engine or _engine(s, pool_size=pool_size)
+    try:
+        await require_tables(engine, wait=s.startup_wait)
+        return engine, broker if broker is not None else make_broker(s, database_url=_url_of(engine))
+    except BaseException:
+        if own:
+            await _bounded_dispose(engine)
+        raise
 
 
 async def _bounded_dispose(engine: AsyncEngine) -> None:
@@ -165,14 +175,7 @@ async def run_relay(
     """
     s = app.settings
     own_engine = engine is None
-    engine = engine or _engine(s, pool_size=4)
-    try:
-        await require_tables(engine, wait=s.startup_wait)
-        broker = broker if broker is not None else make_broker(s, database_url=_url_of(engine))
-    except BaseException:
-        if own_engine:
-            await engine.dispose()
-        raise
+    engine, broker = await _connect(s, engine, broker, pool_size=4)
     if broker is None:
         if own_engine:
             await engine.dispose()

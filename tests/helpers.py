@@ -8,17 +8,20 @@ import contextlib
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import Polyqueue
+from polyqueue import Polyqueue, enqueue
 from polyqueue.brokers.base import Broker
+from polyqueue.queries import job_claim_pending, worker_register
 from polyqueue.worker.runtime import Worker
 from tests.services import url_str
 
@@ -196,3 +199,20 @@ async def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, time
             proc.kill()
             await proc.wait()
     return Ran(proc.returncode, out.decode(), err.decode())
+
+
+async def dead_workers_job(engine: AsyncEngine, payload: BaseModel) -> uuid.UUID:
+    """A running job whose worker's heartbeat is a minute old: only maintenance brings it back."""
+    async with AsyncSession(engine) as s, s.begin():
+        await enqueue(s, payload)
+    worker = uuid.uuid4()
+    async with engine.begin() as conn:
+        await worker_register(
+            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
+        )
+        await conn.execute(
+            text("UPDATE polyqueue_workers SET heartbeat_at = now() - interval '60 seconds' WHERE id = :w"),
+            {"w": worker},
+        )
+        [claimed] = await job_claim_pending(conn, worker, ["default"], 1)
+    return claimed.id

@@ -28,9 +28,8 @@ from polyqueue.brokers import make_broker
 from polyqueue.db import make_engine
 from polyqueue.listener import Listener
 from polyqueue.maintenance.service import Maintenance
-from polyqueue.queries import job_claim_pending, worker_register
 from polyqueue.runner import run_relay, run_worker
-from tests.helpers import make_app, rows, scalar, wait_until
+from tests.helpers import dead_workers_job, make_app, rows, scalar, wait_until
 from tests.pgbouncer_service import PgBouncer, pgbouncer_exe, private_directory
 from tests.redis_service import configured_url
 from tests.services import url_str
@@ -69,20 +68,6 @@ async def pooled(pgbouncer: PgBouncer, db_url: URL) -> AsyncIterator[AsyncEngine
     engine = make_engine(pgbouncer.url(db_url), pool_size=SERVER_POOL, transaction_pooling=True)
     yield engine
     await engine.dispose()
-
-
-async def dead_workers_job(engine: AsyncEngine) -> uuid.UUID:
-    """A running job whose worker's heartbeat is a minute old: only maintenance brings it back."""
-    async with AsyncSession(engine) as s, s.begin():
-        await enqueue(s, Bounced(n=-1))
-    worker = uuid.uuid4()
-    async with engine.begin() as conn:
-        await worker_register(
-            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
-        )
-        await conn.execute(text("UPDATE polyqueue_workers SET heartbeat_at = now() - interval '60 seconds'"))
-        [claimed] = await job_claim_pending(conn, worker, ["default"], 1)
-    return claimed.id
 
 
 async def enqueue_pings(engine: AsyncEngine, count: int) -> None:
@@ -129,7 +114,7 @@ async def test_direct_postgres_worker_and_maintenance_through_pgbouncer(
     settings = {"listen_database_url": url_str(db_url)} if listen == "direct" else {}
     app = make_app(pool_mode="transaction", **settings)
     app.register(bounced)
-    rescued = await dead_workers_job(pooled)
+    rescued = await dead_workers_job(pooled, Bounced(n=-1))
     await enqueue_pings(pooled, JOBS)
     stopping = asyncio.Event()
     worker = asyncio.create_task(run_worker(app, engine=pooled, stopping=stopping))
@@ -161,7 +146,7 @@ async def test_redis_relay_worker_and_maintenance_through_pgbouncer(
         pool_mode="transaction", queue_backend="redis", broker_url=f"{redis_url}?key_prefix={prefix}", lease_seconds=2
     )
     app.register(bounced)
-    rescued = await dead_workers_job(pooled)
+    rescued = await dead_workers_job(pooled, Bounced(n=-1))
     await enqueue_pings(pooled, JOBS)
     stopping = asyncio.Event()
     relay = asyncio.create_task(run_relay(app, engine=pooled, stopping=stopping))

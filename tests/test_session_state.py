@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 
 from pydantic import BaseModel
 from sqlalchemy import text
@@ -19,9 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from polyqueue import enqueue
 from polyqueue.db import make_engine
-from polyqueue.queries import job_claim_pending, worker_register
 from polyqueue.runner import run_worker
-from tests.helpers import make_app, scalar, wait_until
+from tests.helpers import dead_workers_job, make_app, scalar, wait_until
 
 POOL_SIZE = 5
 app = make_app()
@@ -34,20 +32,6 @@ class StatePing(BaseModel):
 @app.register
 async def session_state_ping(payload: StatePing) -> int:
     return payload.n
-
-
-async def dead_workers_job(engine: AsyncEngine) -> uuid.UUID:
-    """A running job whose worker's heartbeat is a minute old: only maintenance brings it back."""
-    async with AsyncSession(engine) as s, s.begin():
-        await enqueue(s, StatePing(n=-1))
-    worker = uuid.uuid4()
-    async with engine.begin() as conn:
-        await worker_register(
-            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
-        )
-        await conn.execute(text("UPDATE polyqueue_workers SET heartbeat_at = now() - interval '60 seconds'"))
-        [claimed] = await job_claim_pending(conn, worker, ["default"], 1)
-    return claimed.id
 
 
 async def session_settings_of_every_pooled_connection(engine: AsyncEngine) -> list[tuple[str, str]]:
@@ -64,7 +48,7 @@ async def session_settings_of_every_pooled_connection(engine: AsyncEngine) -> li
 async def test_a_worker_on_the_apps_engine_leaves_its_pool_as_it_found_it(db_url: URL) -> None:
     engine = make_engine(db_url, pool_size=POOL_SIZE)
     try:
-        rescued = await dead_workers_job(engine)
+        rescued = await dead_workers_job(engine, StatePing(n=-1))
         async with AsyncSession(engine) as s, s.begin():
             for n in range(30):
                 await enqueue(s, StatePing(n=n))
