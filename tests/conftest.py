@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import URL
@@ -12,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from polyqueue.db import make_engine
 from polyqueue.models import metadata
 from tests import services
+from tests.redis_service import RedisServer, redis_server_exe
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +70,15 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
         for t in leaked:
             t.cancel()
         pytest.fail(f"test leaked asyncio tasks: {[t.get_name() for t in leaked]}")
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A private redis-server for this test alone, which it may stop, restart and flush."""
+    exe = redis_server_exe()
+    if exe is None:
+        pytest.skip("no redis-server on PATH: this test needs a Redis it can stop and flush")
+    server = RedisServer(exe, tmp_path / "redis")
+    await server.start()
+    yield server
+    await server.stop()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import signal
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -31,20 +29,9 @@ from tests.helpers import (
     wait_all_terminal,
     wait_until,
 )
-from tests.redis_service import RedisServer, redis_server_exe
+from tests.redis_service import RedisServer
 
 APP = "tests.apps.effects:app"
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    exe = redis_server_exe()
-    if exe is None:
-        pytest.skip("no redis-server on PATH: the redis end-to-end tests need one they can stop and flush")
-    server = RedisServer(exe, tmp_path / "redis")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def _redis_env(server: RedisServer, **extra: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +29,7 @@ from polyqueue.maintenance.service import Maintenance
 from polyqueue.queries import CANCEL_CHANNEL, DONE_CHANNEL, Outcome, job_claim_pending, job_complete_many
 from polyqueue.worker.runtime import Worker
 from tests.helpers import make_app, rows, running_worker, scalar, wait_until
-from tests.redis_service import RedisServer, redis_server_exe
+from tests.redis_service import RedisServer
 
 app = make_app()
 
@@ -80,15 +79,6 @@ async def _status(engine: AsyncEngine, job_id: uuid.UUID) -> tuple[str, int, lis
 
 
 # -- deliveries -----------------------------------------------------------------------------------
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    exe = redis_server_exe()
-    if exe is None:
-        pytest.skip("no redis-server on PATH: this test needs a Redis it owns")
-    server = RedisServer(exe, tmp_path / "redis")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_a_forged_delivery_cannot_claim_a_job_of_another_queue(
