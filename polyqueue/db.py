@@ -69,16 +69,28 @@ def _unique_statement_name() -> str:
 
 
 def make_engine(
-    url: str | URL, *, pool_size: int = 10, transaction_pooling: bool = False, **kwargs: Any
+    url: str | URL,
+    *,
+    pool_size: int = 10,
+    transaction_pooling: bool = False,
+    command_timeout: float | None = None,
+    **kwargs: Any,
 ) -> AsyncEngine:
     """An ``AsyncEngine`` on asyncpg for ``url``.
 
     Bound parameters never reach logs or error messages (``hide_parameters``): they hold
     payloads, results and error texts. With ``transaction_pooling`` (pgbouncer in transaction
     mode) no statement is prepared on a server connection: the next transaction may run on
-    another one, where the name is unknown or already taken.
+    another one, where the name is unknown or already taken. ``command_timeout`` bounds how
+    long any one statement (and the cancellation of one) waits for the server: past it the
+    statement raises ``TimeoutError`` and a connection that cannot be cancelled is dropped,
+    instead of waiting forever on a server that never answers.
     """
     parsed = asyncpg_url(url)
+    if command_timeout:
+        connect_args = dict(kwargs.pop("connect_args", None) or {})
+        connect_args.setdefault("command_timeout", command_timeout)
+        kwargs["connect_args"] = connect_args
     if transaction_pooling:
         parsed = parsed.update_query_dict({"prepared_statement_cache_size": "0"})
         connect_args = dict(kwargs.pop("connect_args", None) or {})

@@ -292,7 +292,12 @@ async def run_demo(settings: Settings, console: Console, *, timeout: float = 60.
     began = time.monotonic()
     app = build_app(settings.model_copy(update={"poll_interval": 0.1}))
     backend = "memory" if app.settings.queue_backend == "none" else app.settings.queue_backend
-    engine = make_engine(url, pool_size=10, transaction_pooling=settings.pool_mode == "transaction")
+    engine = make_engine(
+        url,
+        pool_size=10,
+        transaction_pooling=settings.pool_mode == "transaction",
+        command_timeout=settings.command_timeout or None,
+    )
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     try:
         await _prepare(engine)

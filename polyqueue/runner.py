@@ -90,6 +90,7 @@ def _engine(s: Settings, *, pool_size: int) -> AsyncEngine:
         database_url(s.database_url, s.embedded_dir),
         pool_size=pool_size,
         transaction_pooling=s.pool_mode == "transaction",
+        command_timeout=s.command_timeout or None,
     )
 
 

@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         description="A worker's event loop blocked longer than this (a handler calling blocking code) is "
         "logged with the jobs that were running, and counted in the metrics.",
     )
+    command_timeout: float = Field(
+        default=300.0,
+        ge=0,
+        description="Seconds any one statement on polyqueue's connections (handlers' ctx.session included) may "
+        "wait for Postgres before it is cancelled with TimeoutError and the job retried; a connection whose "
+        "server never answers is dropped instead of holding a job forever. 0: no limit.",
+    )
     startup_wait: float = Field(
         default=30.0,
         ge=0,

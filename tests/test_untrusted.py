@@ -382,6 +382,51 @@ async def test_a_blocked_event_loop_is_logged_with_its_job_and_counted(
     assert after and f"polyqueue-job-{job_id}" in after[0]
 
 
+WATCHED_PROCESS = """
+import asyncio, logging, sys, time
+from polyqueue.worker.watchdog import LoopWatchdog
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+async def main():
+    watchdog = LoopWatchdog(0.3, lambda seconds, culprit: print("COUNTED", flush=True))
+    task = asyncio.create_task(watchdog.run())
+    print("READY", flush=True)
+    await asyncio.sleep(1.0)
+    if sys.argv[1] == "block":
+        time.sleep(1.5)
+    await asyncio.sleep(3.0)
+    task.cancel()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("fault", ["block", "sigstop"])
+def test_a_stopped_process_is_not_reported_as_a_blocked_loop(fault: str) -> None:
+    """SIGSTOP for 1.5 s stops the loop and the watching thread alike: a suspension, not a
+    block to pin on a job; the same 1.5 s in ``time.sleep`` on the loop is a block (the control)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHED_PROCESS, fault], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+    if fault == "sigstop":
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    if fault == "block":
+        assert "COUNTED" in out and "has been blocked" in err and "was blocked for" in err
+    else:
+        assert "COUNTED" not in out and "blocked" not in err, err
+        assert "did not run for" in err
+
+
 def _async(check: Any) -> Any:
     async def wrapped() -> bool:
         return bool(check())

@@ -10,6 +10,10 @@ older than ``threshold``, the thread reads which task the loop is running (each 
 task named ``polyqueue-job-<id>``) and the loop thread's innermost frames, and logs them while
 the loop is still blocked. When the loop runs again, the blocked time is logged and reported
 to the metrics hook (``loop_blocked``).
+
+A process that did not run at all (``SIGSTOP``, a paused VM, a starved machine) looks the same
+from the loop, but then the watching thread did not run either and no CPU time was spent: that
+is logged as a suspension, not blamed on the job that happened to be current, and not counted.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class LoopWatchdog:
         self._beat = time.monotonic()
         self._culprit: str | None = None  # the task the thread saw running during the current block
         self._stop = threading.Event()
+        self._thread_wakes = 0  # how often the watching thread has run: it keeps running while the loop blocks
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -52,13 +57,16 @@ class LoopWatchdog:
         thread.start()
         try:
             while True:
-                before = time.monotonic()
+                before, cpu_before, wakes_before = time.monotonic(), time.process_time(), self._thread_wakes
                 await asyncio.sleep(self.tick)
                 now = time.monotonic()
                 self._beat = now
                 blocked = now - before - self.tick
                 if blocked >= self.threshold:
                     culprit, self._culprit = self._culprit, None
+                    if self._thread_wakes - wakes_before <= 2 and _idle(time.process_time() - cpu_before, blocked):
+                        log.warning("the worker process did not run for %.1f s (stopped or starved)", blocked)
+                        continue
                     log.warning(
                         "the event loop was blocked for %.1f s%s: every job of this worker, its heartbeats "
                         "and time limits waited; run blocking code with asyncio.to_thread",
@@ -71,7 +79,14 @@ class LoopWatchdog:
 
     def _watch(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
         reported_beat = 0.0
+        woke, cpu = time.monotonic(), time.process_time()
         while not self._stop.wait(self.tick):
+            self._thread_wakes += 1
+            now, cpu_now = time.monotonic(), time.process_time()
+            overslept = now - woke - self.tick
+            if overslept >= self.threshold and _idle(cpu_now - cpu, overslept):
+                reported_beat = self._beat  # the process was not running: the loop is not to blame
+            woke, cpu = now, cpu_now
             beat = self._beat
             stalled = time.monotonic() - beat
             if stalled < self.threshold or beat == reported_beat:
@@ -88,3 +103,9 @@ class LoopWatchdog:
                 f" by {name}" if name else "",
                 stack.rstrip(),
             )
+
+
+def _idle(cpu_seconds: float, wall_seconds: float) -> bool:
+    """Whether the process spent under half of ``wall_seconds`` on the CPU: a loop held by
+    CPU-bound code burns CPU time, a suspended process does not."""
+    return cpu_seconds < wall_seconds / 2

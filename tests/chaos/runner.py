@@ -68,6 +68,9 @@ SETTINGS = {
     "POLYQUEUE_LEASE_SECONDS": str(LEASE),
     "POLYQUEUE_SHUTDOWN_GRACE": "5",
     "POLYQUEUE_CONCURRENCY": "16",
+    # A statement that waits longer on a crashed-and-restarted Postgres fails and its job is retried,
+    # instead of holding the job (its worker alive and heartbeating) past the run.
+    "POLYQUEUE_COMMAND_TIMEOUT": "10",
 }
 #: What a dropped connection looks like to the runner's own clients (asyncpg, SQLAlchemy, OS).
 CONNECTION_ERRORS = (OSError, TimeoutError, SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -321,6 +324,33 @@ async def _quiescent(engine: AsyncEngine, timeout: float) -> bool:
     return False
 
 
+async def _where_stuck(engine: AsyncEngine) -> str:
+    """The unfinished jobs and what the server's sessions are doing, for a run that did not settle."""
+    try:
+        async with engine.connect() as conn:
+            jobs = (
+                await conn.execute(
+                    text(
+                        "SELECT id, status, attempt, worker_id, started_at, run_at FROM polyqueue_jobs "
+                        "WHERE status IN ('pending', 'enqueued', 'running') ORDER BY status LIMIT 20"
+                    )
+                )
+            ).all()
+            sessions = (
+                await conn.execute(
+                    text(
+                        "SELECT pid, application_name, state, wait_event_type, wait_event, now() - state_change, "
+                        "left(query, 120) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND state <> 'idle'"
+                    )
+                )
+            ).all()
+    except CONNECTION_ERRORS as exc:
+        return f"chaos: could not look at the stuck jobs: {exc!r}"
+    lines = ["chaos: unfinished jobs:", *map(str, jobs), "chaos: busy sessions:", *map(str, sessions)]
+    return "\n".join(lines)
+
+
 async def _settle_uncertain(engine: AsyncEngine, books: Books) -> None:
     """Jobs whose COMMIT outcome was unknown: those that exist were committed, the rest rolled back."""
     if not books.uncertain:
@@ -444,6 +474,7 @@ async def run(
             await faults
             if not await _quiescent(engine, timeout=180):
                 books.violations.append(f"not quiescent after 180 s (logs in {tmp})")
+                print(await _where_stuck(engine), flush=True)
             fleet.stop_all()
             books.violations += fleet.crashed()
             await _settle_uncertain(engine, books)
