@@ -20,16 +20,24 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from polyqueue.queries import CANCEL_CHANNEL, DONE_CHANNEL, NEW_JOB_CHANNEL, NOTIFY_IDS_PER_PAYLOAD
-from polyqueue.types import LIVE_STATUSES, JobStatus
+from polyqueue.queries.operator import job_delete_finished, job_requeue, job_stop, notify
+from polyqueue.types import (
+    CANCEL_CHANNEL,
+    DONE_CHANNEL,
+    LIVE_STATUSES,
+    NEW_JOB_CHANNEL,
+    NOTIFY_IDS_PER_PAYLOAD,
+    TERMINAL_STATUSES,
+    JobStatus,
+)
 
 __all__ = ["JobChange", "cancel", "fail", "prune", "requeue"]
 
 
 _LIVE = tuple(s.value for s in LIVE_STATUSES)
+_TERMINAL = tuple(s.value for s in TERMINAL_STATUSES)
 _REQUEUEABLE = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 
 
@@ -60,36 +68,22 @@ def _statuses(status: str | Sequence[str] | None, allowed: tuple[str, ...], acti
     return wanted
 
 
-def _where(
+def _refuse_unfiltered(
     action: str,
     ids: Sequence[uuid.UUID | str] | None,
     status: str | Sequence[str] | None,
     task: str | None,
     queue: str | None,
-    allowed: tuple[str, ...],
     everything: bool,
-) -> tuple[str, dict[str, Any]]:
-    """A WHERE clause from constant fragments, and its bound values."""
+) -> None:
+    """Refuse a call that names no job and no filter unless ``all=True`` says it means every job."""
     if ids is None and status is None and task is None and queue is None and not everything:
         raise ValueError(f"{action} with no ids and no filter would touch every job; pass all=True to mean that")
-    params: dict[str, Any] = {"statuses": _statuses(status, allowed, action)}
-    clauses = ["j.status = ANY(CAST(:statuses AS text[]))"]
-    if ids is not None:
-        clauses.append("j.id = ANY(CAST(:ids AS uuid[]))")
-        params["ids"] = _ids(ids)
-    if task is not None:
-        clauses.append("j.task = :task")
-        params["task"] = task
-    if queue is not None:
-        clauses.append("j.queue = :queue")
-        params["queue"] = queue
-    return " AND ".join(clauses), params
 
 
 async def _notify(conn: AsyncConnection, channel: str, values: Sequence[str]) -> None:
     for start in range(0, len(values), NOTIFY_IDS_PER_PAYLOAD):
-        chunk = ",".join(values[start : start + NOTIFY_IDS_PER_PAYLOAD])
-        await conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": chunk})
+        await notify(conn, channel, ",".join(values[start : start + NOTIFY_IDS_PER_PAYLOAD]))
 
 
 @contextlib.asynccontextmanager
@@ -129,28 +123,13 @@ async def requeue(
     (a full ``max_attempts`` budget); otherwise the job gets one more attempt. A job
     whose ``unique_key`` is held by a live job meanwhile is skipped.
     """
-    where, params = _where("requeue", ids, status, task, queue, _REQUEUEABLE, all)
-    params["reset"] = reset_attempts
-    params["live"] = list(_LIVE)
-    sql = text(  # constant fragments joined, values bound
-        f"""
-        WITH c AS (
-            SELECT j.id, j.status FROM polyqueue_jobs j
-            WHERE {where} AND (j.unique_key IS NULL OR NOT EXISTS (
-                SELECT 1 FROM polyqueue_jobs l
-                WHERE l.unique_key = j.unique_key AND l.status = ANY(CAST(:live AS text[]))))
-            FOR UPDATE OF j
-        )
-        UPDATE polyqueue_jobs j SET
-            status = 'pending', run_at = now(), finished_at = NULL, started_at = NULL, dispatched_at = NULL,
-            worker_id = NULL, timeout_at = NULL, progress_heartbeat_at = NULL,
-            attempt = CASE WHEN CAST(:reset AS boolean) THEN 0 ELSE j.attempt END
-        FROM c WHERE j.id = c.id AND j.status = c.status
-        RETURNING j.id, j.task, j.queue, c.status, j.status
-        """  # noqa: S608
-    )
+    _refuse_unfiltered("requeue", ids, status, task, queue, all)
+    statuses, wanted = _statuses(status, _REQUEUEABLE, "requeue"), _ids(ids)
     async with _transaction(engine, dry_run) as conn:
-        changed = _changes((await conn.execute(sql, params)).all())
+        rows = await job_requeue(
+            conn, statuses=statuses, ids=wanted, task=task, queue=queue, reset_attempts=reset_attempts
+        )
+        changed = _changes(rows)
         await _notify(conn, NEW_JOB_CHANNEL, sorted({c.queue for c in changed}))
     return changed
 
@@ -158,7 +137,7 @@ async def requeue(
 async def _stop(
     engine: AsyncEngine,
     action: str,
-    new_status: str,
+    new_status: JobStatus,
     error_type: str,
     message: str,
     ids: Sequence[uuid.UUID | str] | None,
@@ -169,24 +148,20 @@ async def _stop(
     dry_run: bool,
 ) -> list[JobChange]:
     """Move live jobs to a terminal status with an error entry, telling running jobs' workers."""
-    where, params = _where(action, ids, status, task, queue, _LIVE, everything)
-    params.update({"new_status": new_status, "error_type": error_type, "message": message})
-    sql = text(  # constant fragments joined, values bound
-        f"""
-        WITH c AS (
-            SELECT j.id, j.status FROM polyqueue_jobs j WHERE {where} FOR UPDATE OF j
-        )
-        UPDATE polyqueue_jobs j SET
-            status = CAST(:new_status AS text), finished_at = now(), timeout_at = NULL,
-            errors = j.errors || jsonb_build_array(jsonb_build_object(
-                'attempt', j.attempt, 'at', now(), 'type', CAST(:error_type AS text),
-                'message', CAST(:message AS text), 'traceback', NULL))
-        FROM c WHERE j.id = c.id AND j.status = c.status
-        RETURNING j.id, j.task, j.queue, c.status, j.status
-        """  # noqa: S608
-    )
+    _refuse_unfiltered(action, ids, status, task, queue, everything)
+    statuses, wanted = _statuses(status, _LIVE, action), _ids(ids)
     async with _transaction(engine, dry_run) as conn:
-        changed = _changes((await conn.execute(sql, params)).all())
+        rows = await job_stop(
+            conn,
+            statuses=statuses,
+            ids=wanted,
+            task=task,
+            queue=queue,
+            new_status=new_status,
+            error_type=error_type,
+            message=message,
+        )
+        changed = _changes(rows)
         running = [str(c.id) for c in changed if c.old_status == JobStatus.RUNNING]
         await _notify(conn, CANCEL_CHANNEL, running)
         await _notify(conn, DONE_CHANNEL, [str(c.id) for c in changed])
@@ -248,20 +223,9 @@ async def prune(
     ``older_than_seconds`` ago; returns how many were deleted. Live jobs are never pruned."""
     if older_than_seconds < 0:
         raise ValueError("older_than_seconds must be >= 0")
-    terminal = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
-    params: dict[str, Any] = {"statuses": _statuses(status, terminal, "prune"), "age": older_than_seconds}
-    clauses = [
-        "finished_at IS NOT NULL",
-        "finished_at < now() - :age * interval '1 second'",
-        "status = ANY(CAST(:statuses AS text[]))",
-    ]
-    if task is not None:
-        clauses.append("task = :task")
-        params["task"] = task
-    if queue is not None:
-        clauses.append("queue = :queue")
-        params["queue"] = queue
-    sql = text(f"DELETE FROM polyqueue_jobs WHERE {' AND '.join(clauses)}")  # noqa: S608  # constants joined
+    statuses = _statuses(status, _TERMINAL, "prune")
     async with _transaction(engine, dry_run) as conn:
-        result = await conn.execute(sql, params)
-    return int(result.rowcount)
+        deleted = await job_delete_finished(
+            conn, statuses=statuses, older_than=older_than_seconds, task=task, queue=queue
+        )
+    return deleted

@@ -12,24 +12,28 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json, to_jsonable_python
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from polyqueue.db import mask_url, not_migrated, undefined_polyqueue_table
 from polyqueue.errors import PayloadError
 from polyqueue.models import Job
-from polyqueue.queries import NEW_JOB_CHANNEL
+from polyqueue.queries.enqueue import (
+    MANY_COLUMNS,
+    job_insert,
+    job_insert_many,
+    job_live_by_unique_key,
+    job_live_ids_by_unique_key,
+)
 from polyqueue.registry import TaskSpec, all_tasks, resolve_task
 from polyqueue.settings import queue_name_problem
-from polyqueue.types import LIVE_STATUSES, TimeoutStrategy, new_job_id
+from polyqueue.types import TimeoutStrategy, new_job_id
 
 __all__ = ["enqueue", "enqueue_many"]
 
-
-_LIVE = [s.value for s in LIVE_STATUSES]
-_UNIQUE_LIVE = text("unique_key IS NOT NULL AND status IN ({})".format(", ".join(f"'{s}'" for s in _LIVE)))
+#: How often an idempotent enqueue inserts again when the job holding its key finished between
+#: the insert that skipped it and the read that looked for it.
+_UNIQUE_RETRIES = 10
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -106,6 +110,7 @@ def _resolve_run_at(run_at: dt.datetime | None, delay: float | dt.timedelta | No
 
 
 def _row(
+    tasks: dict[str, TaskSpec],
     payload: BaseModel | Mapping[str, Any],
     *,
     task: str | None,
@@ -119,12 +124,15 @@ def _row(
     unique_key: str | None,
     meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    spec = resolve_task(all_tasks(), payload if isinstance(payload, BaseModel) else dict(payload), task)
+    """The ``polyqueue_jobs`` row of one job, for :func:`enqueue` and :func:`enqueue_many` alike: the
+    task resolved, the payload validated and sized, the task's defaults filled in. ``run_at`` None
+    means "now" (the database's clock, at insert)."""
+    spec = resolve_task(tasks, payload if isinstance(payload, BaseModel) else dict(payload), task)
     run_at = _resolve_run_at(run_at, delay)
     attempts = spec.max_attempts if max_attempts is None else max_attempts
     if attempts < 1:
         raise ValueError("max_attempts must be >= 1")
-    row: dict[str, Any] = {
+    return {
         "id": new_job_id(),
         "task": spec.name,
         "queue": _queue(spec, queue),
@@ -135,9 +143,8 @@ def _row(
         "timeout_strategy": TimeoutStrategy(timeout_strategy or spec.timeout_strategy).value,
         "unique_key": unique_key,
         "meta": _meta(spec, meta),
-        "run_at": run_at or func.now(),
+        "run_at": run_at,
     }
-    return row
 
 
 def _meta(spec: TaskSpec, meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -148,18 +155,6 @@ def _meta(spec: TaskSpec, meta: Mapping[str, Any] | None) -> dict[str, Any]:
         _check_size(spec, to_json(data), meta=True)
     spec.metrics.inject_meta(data)
     return dict(to_jsonable_python(data))
-
-
-def _insert_statement() -> Any:
-    stmt = insert(Job).on_conflict_do_nothing(
-        index_elements=[Job.unique_key],
-        # Literal SQL, not bind parameters: once asyncpg's prepared statement switches to a
-        # generic plan, Postgres cannot match a parameterised predicate to the partial index.
-        index_where=_UNIQUE_LIVE,
-    )
-    # pg_notify in RETURNING: one round trip, and Postgres folds the identical
-    # notifications of one transaction into one, delivered only on commit.
-    return stmt.returning(Job, func.pg_notify(NEW_JOB_CHANNEL, Job.queue))
 
 
 async def enqueue(
@@ -206,7 +201,9 @@ async def enqueue(
         ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
         ConfigurationError: the database has no polyqueue tables (run ``polyqueue db upgrade``).
     """
+    tasks = all_tasks()
     row = _row(
+        tasks,
         payload,
         task=task,
         queue=queue,
@@ -219,41 +216,20 @@ async def enqueue(
         unique_key=unique_key,
         meta=meta,
     )
-    spec = all_tasks()[row["task"]]
-    statement = _insert_statement().values(**row)
-    for _ in range(10):
+    spec = tasks[row["task"]]
+    for _ in range(_UNIQUE_RETRIES):
         try:
-            inserted = (await session.execute(statement)).first()
+            job = await job_insert(session, row)
         except ProgrammingError as exc:
             raise _translated(session, exc) from exc
-        if inserted is not None:
-            job: Job = inserted[0]
+        if job is not None:
             spec.metrics.job_enqueued(spec.name, job.queue, 1)
             return job
-        existing = await session.scalar(select(Job).where(Job.unique_key == unique_key, Job.status.in_(_LIVE)))
+        existing = await job_live_by_unique_key(session, str(unique_key))
         if existing is not None:
             return existing
         # The conflicting job finished between our INSERT and SELECT: insert again.
     raise RuntimeError(f"unique_key {unique_key!r} kept conflicting with jobs that finished at once")
-
-
-_INSERT_MANY = text(
-    """
-    WITH ins AS (
-        INSERT INTO polyqueue_jobs
-            (id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy, meta, run_at)
-        SELECT v.id, v.task, v.queue, v.payload::jsonb, v.priority, v.max_attempts, v.max_run_seconds,
-               v.timeout_strategy, CAST(:meta AS jsonb), coalesce(CAST(:run_at AS timestamptz), now())
-        FROM unnest(
-            CAST(:ids AS uuid[]), CAST(:tasks AS text[]), CAST(:queues AS text[]), CAST(:payloads AS text[]),
-            CAST(:priorities AS int[]), CAST(:max_attempts AS int[]), CAST(:max_run_seconds AS float8[]),
-            CAST(:timeout_strategies AS text[])
-        ) AS v(id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy)
-        RETURNING queue
-    )
-    SELECT pg_notify('polyqueue_new', queue) FROM (SELECT DISTINCT queue FROM ins) AS q
-    """
-)
 
 
 async def enqueue_many(
@@ -266,49 +242,120 @@ async def enqueue_many(
     run_at: dt.datetime | None = None,
     delay: float | dt.timedelta | None = None,
     max_attempts: int | None = None,
+    max_run_seconds: float | None = None,
+    timeout_strategy: TimeoutStrategy | str | None = None,
+    unique_keys: Sequence[str | None] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> list[uuid.UUID]:
     """Add many jobs with one INSERT statement and return their ids, in order. Does not commit.
 
-    Each payload is validated like :func:`enqueue`'s; the options apply to every job.
-    For idempotent enqueue with ``unique_key``, use :func:`enqueue`.
+    Each payload is validated like :func:`enqueue`'s, and the options mean what they mean there;
+    they apply to every job, except ``unique_keys``: one key (or None) per payload.
+
+    With ``unique_keys`` the enqueue is idempotent, as :func:`enqueue` is with ``unique_key``: a
+    payload whose key a live job (pending, enqueued or running) already holds inserts nothing, and
+    its place in the returned list holds that job's id; so does a payload whose key an earlier
+    payload of the same call has (the first one is inserted). The result thus always has one id per
+    payload, in order; the jobs actually inserted are those whose ids are not older jobs' ids. No
+    error is raised on a duplicate key, so the caller's transaction stays usable.
+
+    Args:
+        session: the caller's ``AsyncSession``; the jobs join its transaction.
+        payloads: instances of the tasks' models, or dicts (then ``task=`` is needed).
+        task: the registered task name; default: the one task taking each payload's model.
+        queue: the queue; default: each task's.
+        priority: lower runs first; default: each task's.
+        run_at: a timezone-aware time before which the jobs do not run.
+        delay: seconds (or a ``timedelta``) from now; not together with ``run_at``.
+        max_attempts: attempts allowed in all; default: each task's.
+        max_run_seconds: the time limit of one attempt; default: each task's.
+        timeout_strategy: ``retry``, ``fail`` or ``ignore`` at the time limit; default: each task's.
+        unique_keys: one ``unique_key`` or None per payload (idempotent enqueue).
+        meta: a JSON object stored with every job (tags, trace context).
 
     Raises:
         UnknownTaskError: a payload matches no task (or several; pass ``task=``).
         PayloadError: a payload does not fit its task's model, it or ``meta`` is over its limit
             (``max_payload_bytes``, ``max_meta_bytes``), or ``queue`` is not a valid queue name.
-        ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
+        ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, ``max_attempts < 1``, or
+            ``unique_keys`` not of the same length as ``payloads``.
         ConfigurationError: the database has no polyqueue tables (run ``polyqueue db upgrade``).
     """
     if not payloads:
         return []
-    when = _resolve_run_at(run_at, delay)
-    if max_attempts is not None and max_attempts < 1:
-        raise ValueError("max_attempts must be >= 1")
+    keys: Sequence[str | None] = [None] * len(payloads) if unique_keys is None else unique_keys
+    if len(keys) != len(payloads):
+        raise ValueError(f"unique_keys has {len(keys)} keys for {len(payloads)} payloads; pass one (or None) each")
+    when = _resolve_run_at(run_at, delay)  # one time for the whole batch
     tasks = all_tasks()
-    columns: dict[str, list[Any]] = {
-        k: [] for k in ("ids", "tasks", "queues", "payloads", "priorities", "max_attempts", "max_run_seconds")
-    }
-    columns["timeout_strategies"] = []
-    for payload in payloads:
-        spec = resolve_task(tasks, payload if isinstance(payload, BaseModel) else dict(payload), task)
-        body = _validated_model(spec, payload).model_dump_json()
-        _check_size(spec, body)
-        columns["ids"].append(new_job_id())
-        columns["tasks"].append(spec.name)
-        columns["queues"].append(_queue(spec, queue))
-        columns["payloads"].append(body)
-        columns["priorities"].append(spec.priority if priority is None else priority)
-        columns["max_attempts"].append(spec.max_attempts if max_attempts is None else max_attempts)
-        columns["max_run_seconds"].append(spec.max_run_seconds)
-        columns["timeout_strategies"].append(spec.timeout_strategy.value)
-    first = tasks[columns["tasks"][0]]
-    params = {**columns, "meta": to_json(_meta(first, meta)).decode(), "run_at": when}
-    try:
-        await session.execute(_INSERT_MANY, params)
-    except ProgrammingError as exc:
-        raise _translated(session, exc) from exc
-    for (name, q), n in collections.Counter(zip(columns["tasks"], columns["queues"], strict=True)).items():
+    rows: list[dict[str, Any]] = []
+    first_with_key: dict[str, int] = {}  # key -> index of its first row; later rows share its job
+    for payload, key in zip(payloads, keys, strict=True):
+        row = _row(
+            tasks,
+            payload,
+            task=task,
+            queue=queue,
+            priority=priority,
+            run_at=when,
+            delay=None,
+            max_attempts=max_attempts,
+            max_run_seconds=max_run_seconds,
+            timeout_strategy=timeout_strategy,
+            unique_key=key,
+            meta=meta,
+        )
+        if key is not None:
+            first_with_key.setdefault(key, len(rows))
+        rows.append(row)
+    ids: list[uuid.UUID] = [row["id"] for row in rows]
+    # Rows to insert: each key's first row, and every row without a key.
+    todo = [i for i, row in enumerate(rows) if row["unique_key"] is None or first_with_key[row["unique_key"]] == i]
+    inserted: set[uuid.UUID] = set()
+    for _ in range(_UNIQUE_RETRIES):
+        try:
+            inserted |= await job_insert_many(session, _columns([rows[i] for i in todo]), when)
+        except ProgrammingError as exc:
+            raise _translated(session, exc) from exc
+        skipped = {rows[i]["unique_key"]: i for i in todo if rows[i]["id"] not in inserted}
+        if not skipped:
+            break
+        held = await job_live_ids_by_unique_key(session, list(skipped))
+        for key, job_id in held.items():
+            ids[skipped[key]] = job_id
+        # A key's job that finished between our INSERT and SELECT: insert that row again.
+        todo = [i for key, i in skipped.items() if key not in held]
+        if not todo:
+            break
+    else:
+        raise RuntimeError(f"unique_keys {sorted(skipped)!r} kept conflicting with jobs that finished at once")
+    for i, row in enumerate(rows):  # a later row with a key shares its first row's job
+        if row["unique_key"] is not None:
+            ids[i] = ids[first_with_key[row["unique_key"]]]
+    for (name, q), n in collections.Counter(
+        (row["task"], row["queue"]) for row in rows if row["id"] in inserted
+    ).items():
         tasks[name].metrics.job_enqueued(name, q, n)
-    ids: list[uuid.UUID] = columns["ids"]
     return ids
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """``rows`` column-wise, as :func:`~polyqueue.queries.enqueue.job_insert_many` takes them."""
+    return dict(
+        zip(
+            MANY_COLUMNS,
+            (
+                [r["id"] for r in rows],
+                [r["task"] for r in rows],
+                [r["queue"] for r in rows],
+                [to_json(r["payload"]).decode() for r in rows],
+                [r["priority"] for r in rows],
+                [r["max_attempts"] for r in rows],
+                [r["max_run_seconds"] for r in rows],
+                [r["timeout_strategy"] for r in rows],
+                [to_json(r["meta"]).decode() for r in rows],
+                [r["unique_key"] for r in rows],
+            ),
+            strict=True,
+        )
+    )

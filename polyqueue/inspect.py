@@ -15,11 +15,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue.errors import JobNotFoundError
 from polyqueue.queries import job_count_live
+from polyqueue.queries.operator import (
+    job_detail,
+    job_list,
+    jobs_count_finished,
+    jobs_oldest_due_wait,
+    jobs_table_rows_estimate,
+    jobs_throughput,
+    worker_list,
+)
 
 __all__ = [
     "EXACT_LIMIT",
@@ -124,66 +132,29 @@ class JobDetail:
     timeout_strategy: str
 
 
-_TERMINAL = ("succeeded", "failed", "cancelled")
-
-_THROUGHPUT = text(
-    """
-    SELECT count(*) FILTER (WHERE finished_at >= now() - interval '1 minute'),
-           count(*),
-           count(*) FILTER (WHERE status = 'failed'),
-           count(*) FILTER (WHERE status = 'succeeded')
-    FROM polyqueue_jobs
-    WHERE finished_at IS NOT NULL AND finished_at >= now() - interval '1 hour'
-    """
-)
-
-
 async def stats(engine: AsyncEngine) -> Stats:
     """Counts by queue and status, the oldest due pending job's wait, throughput and failure rate."""
     async with engine.connect() as conn:
-        estimate = int(
-            await conn.scalar(
-                text("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'polyqueue_jobs'::regclass")
-            )
-            or 0
-        )
+        estimate = await jobs_table_rows_estimate(conn)
         counts = [QueueCount(q, s, n) for q, s, n in await job_count_live(conn)]
         sampled = estimate > EXACT_LIMIT
         if sampled:
             percent = max(0.01, min(100.0, 100.0 * SAMPLE_ROWS / estimate))
-            rows = await conn.execute(
-                text(
-                    "SELECT queue, status, count(*) FROM polyqueue_jobs TABLESAMPLE SYSTEM (:p) "
-                    "WHERE status = ANY(CAST(:terminal AS text[])) GROUP BY queue, status"
-                ),
-                {"p": percent, "terminal": list(_TERMINAL)},
-            )
+            rows = await jobs_count_finished(conn, sample_percent=percent)
             counts += [QueueCount(q, s, round(n * 100.0 / percent), True) for q, s, n in rows]
         else:
-            rows = await conn.execute(
-                text(
-                    "SELECT queue, status, count(*) FROM polyqueue_jobs "
-                    "WHERE status = ANY(CAST(:terminal AS text[])) GROUP BY queue, status"
-                ),
-                {"terminal": list(_TERMINAL)},
-            )
-            counts += [QueueCount(q, s, int(n)) for q, s, n in rows]
-        oldest = await conn.scalar(
-            text(
-                "SELECT extract(epoch FROM now() - min(run_at)) FROM polyqueue_jobs "
-                "WHERE status = 'pending' AND run_at <= now()"
-            )
-        )
-        minute, hour, failed, succeeded = (await conn.execute(_THROUGHPUT)).one()
+            counts += [QueueCount(q, s, n) for q, s, n in await jobs_count_finished(conn)]
+        oldest = await jobs_oldest_due_wait(conn)
+        minute, hour, failed, succeeded = await jobs_throughput(conn)
     counts.sort(key=lambda c: (c.queue, c.status))
-    done = int(failed) + int(succeeded)
+    done = failed + succeeded
     return Stats(
         counts=counts,
-        oldest_pending_seconds=float(oldest) if oldest is not None else None,
-        finished_last_minute=int(minute),
-        finished_last_hour=int(hour),
-        failed_last_hour=int(failed),
-        failure_rate_last_hour=int(failed) / done if done else None,
+        oldest_pending_seconds=oldest,
+        finished_last_minute=minute,
+        finished_last_hour=hour,
+        failed_last_hour=failed,
+        failure_rate_last_hour=failed / done if done else None,
         table_rows_estimate=estimate,
         finished_counts_estimated=sampled,
     )
@@ -192,20 +163,8 @@ async def stats(engine: AsyncEngine) -> Stats:
 async def workers(engine: AsyncEngine, *, include_stopped: bool = True) -> list[WorkerRow]:
     """Registered workers (running first, newest first), with heartbeat age and running job count."""
     async with engine.connect() as conn:
-        rows = await conn.execute(
-            text(
-                """
-                SELECT w.id, w.hostname, w.pid, w.queues, w.broker, w.concurrency, w.status, w.started_at,
-                       extract(epoch FROM now() - w.heartbeat_at),
-                       (SELECT count(*) FROM polyqueue_jobs j WHERE j.worker_id = w.id AND j.status = 'running')
-                FROM polyqueue_workers w
-                WHERE CAST(:all AS boolean) OR w.status = 'running'
-                ORDER BY w.status <> 'running', w.started_at DESC
-                """
-            ),
-            {"all": include_stopped},
-        )
-        return [WorkerRow(r[0], r[1], r[2], list(r[3]), r[4], r[5], r[6], r[7], float(r[8]), int(r[9])) for r in rows]
+        rows = await worker_list(conn, include_stopped=include_stopped)
+    return [WorkerRow(r[0], r[1], r[2], list(r[3]), r[4], r[5], r[6], r[7], float(r[8]), int(r[9])) for r in rows]
 
 
 async def jobs(
@@ -218,47 +177,21 @@ async def jobs(
     limit: int = 50,
 ) -> list[JobRow]:
     """The newest jobs (by id, which is time-ordered) matching the filters, at most ``limit``."""
-    clauses = ["TRUE"]
-    params: dict[str, Any] = {"limit": limit}
-    for name, value in (("status", status), ("task", task), ("queue", queue)):
-        if value is not None:
-            clauses.append(f"{name} = :{name}")  # a column name from the constant tuple above
-            params[name] = value
-    if since is not None:
-        if since.tzinfo is None:
-            raise ValueError("since must be timezone-aware")
-        clauses.append("created_at >= :since")
-        params["since"] = since
-    where = " AND ".join(clauses)
-    sql = text(  # constant fragments joined, values bound
-        f"""
-        SELECT id, task, queue, status, attempt, max_attempts, created_at, run_at, finished_at,
-               errors -> -1 ->> 'type', errors -> -1 ->> 'message'
-        FROM polyqueue_jobs WHERE {where} ORDER BY id DESC LIMIT :limit
-        """  # noqa: S608
-    )
+    if since is not None and since.tzinfo is None:
+        raise ValueError("since must be timezone-aware")
     async with engine.connect() as conn:
-        rows = await conn.execute(sql, params)
-        return [
-            JobRow(*r[:9], last_error=f"{r[9]}: {r[10]}" if r[9] is not None else None)  # type: ignore[misc]
-            for r in rows
-        ]
+        rows = await job_list(conn, status=status, task=task, queue=queue, since=since, limit=limit)
+    return [
+        JobRow(*r[:9], last_error=f"{r[9]}: {r[10]}" if r[9] is not None else None)  # type: ignore[misc]
+        for r in rows
+    ]
 
 
 async def job(engine: AsyncEngine, job_id: uuid.UUID | str) -> JobDetail:
     """Everything about one job: payload, attempts, every error with its traceback, result."""
     key = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
     async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                text(
-                    "SELECT id, task, queue, status, priority, payload, attempt, max_attempts, errors, result, "
-                    "meta, unique_key, worker_id, created_at, run_at, dispatched_at, started_at, finished_at, "
-                    "timeout_at, max_run_seconds, timeout_strategy FROM polyqueue_jobs WHERE id = :id"
-                ),
-                {"id": key},
-            )
-        ).first()
+        row = await job_detail(conn, key)
     if row is None:
         raise JobNotFoundError(f"no job {key}")
     return JobDetail(*row)

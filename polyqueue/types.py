@@ -1,4 +1,4 @@
-"""Leaf types shared by every layer: job states, timeout strategies, ids.
+"""Leaf types shared by every layer: job states, timeout strategies, NOTIFY channels, ids.
 
 This module imports nothing of polyqueue's own.
 """
@@ -10,7 +10,18 @@ import os
 import time
 import uuid
 
-__all__ = ["LIVE_STATUSES", "TERMINAL_STATUSES", "JobStatus", "TimeoutStrategy", "WorkerStatus", "new_job_id"]
+__all__ = [
+    "CANCEL_CHANNEL",
+    "DONE_CHANNEL",
+    "LIVE_STATUSES",
+    "NEW_JOB_CHANNEL",
+    "NOTIFY_IDS_PER_PAYLOAD",
+    "TERMINAL_STATUSES",
+    "JobStatus",
+    "TimeoutStrategy",
+    "WorkerStatus",
+    "new_job_id",
+]
 
 
 class JobStatus(enum.StrEnum):
@@ -32,6 +43,18 @@ class JobStatus(enum.StrEnum):
 LIVE_STATUSES: tuple[JobStatus, ...] = (JobStatus.PENDING, JobStatus.ENQUEUED, JobStatus.RUNNING)
 #: States a job never leaves on its own.
 TERMINAL_STATUSES: tuple[JobStatus, ...] = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+# The Postgres NOTIFY channels. The statements in polyqueue.queries notify on them and the
+# listeners (worker, relay, wait_for_result) subscribe to them: one spelling for both sides.
+#: Payload: a queue name. Wakes workers (postgres mode) and relays: a job became due there.
+NEW_JOB_CHANNEL = "polyqueue_new"
+#: Payload: comma-separated ids of jobs that reached a terminal state (wait_for_result).
+DONE_CHANNEL = "polyqueue_done"
+#: Payload: comma-separated ids of running jobs an operator cancelled or failed (their workers stop them).
+CANCEL_CHANNEL = "polyqueue_cancel"
+#: Ids per NOTIFY payload: 200 x 37 characters stays below Postgres's 8,000-byte payload limit.
+NOTIFY_IDS_PER_PAYLOAD = 200
 
 
 class TimeoutStrategy(enum.StrEnum):

@@ -83,7 +83,8 @@ async def test_completion_joins_on_the_primary_key_beside_many_running_jobs(engi
     import uuid
 
     from polyqueue._conn import HeldConnection
-    from polyqueue.queries import _COMPLETE_MANY, NOTIFY_IDS_PER_PAYLOAD
+    from polyqueue.queries._base import CHANNEL_PARAMS
+    from polyqueue.queries.jobs import _COMPLETE_MANY, NOTIFY_IDS_PER_PAYLOAD
 
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -107,6 +108,7 @@ async def test_completion_joins_on_the_primary_key_beside_many_running_jobs(engi
         "errors": [None] * 100,
         "delays": [0.0] * 100,
         "per_notify": NOTIFY_IDS_PER_PAYLOAD,
+        **CHANNEL_PARAMS,  # the statement's own bound values: EXPLAIN of its text needs them passed
     }
     held = HeldConnection(engine)  # the completer's kind of connection
     async with held.use() as conn:

@@ -16,7 +16,8 @@ from polyqueue.cli._common import (
     one_shot_engine,
     resolve_url,
 )
-from polyqueue.db import mask_url, missing_tables
+from polyqueue.db import mask_url
+from polyqueue.queries.schema import schema_installed
 from polyqueue.settings import secret_value
 
 __all__ = ["db_app"]
@@ -55,7 +56,7 @@ async def _state(url: str) -> tuple[list[str], bool]:
     engine = one_shot_engine(url)
     try:
         async with engine.connect() as conn:
-            installed = "polyqueue_jobs" not in await missing_tables(conn)
+            installed = await schema_installed(conn)
             return await migrations.current(conn), installed
     finally:
         await engine.dispose()

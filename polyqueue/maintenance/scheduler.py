@@ -24,10 +24,10 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue.enqueue import enqueue
+from polyqueue.queries.schedule import schedule_lock_slot, schedule_slot_taken
 from polyqueue.registry import Polyqueue, Schedule
 
 __all__ = ["CLOCK_SKEW", "Enqueued", "Scheduler", "latest_slot", "run_once", "slot_key"]
@@ -71,31 +71,14 @@ def _id_floor(when: dt.datetime) -> uuid.UUID:
     return uuid.UUID(int=(ms & ((1 << 48) - 1)) << 80)
 
 
-async def _exists(conn: AsyncConnection, key: str, since: dt.datetime) -> bool:
-    live = await conn.scalar(
-        text(
-            "SELECT 1 FROM polyqueue_jobs WHERE unique_key = :k "
-            "AND status IN ('pending', 'enqueued', 'running') LIMIT 1"
-        ),
-        {"k": key},
-    )
-    if live is not None:
-        return True
-    ever = await conn.scalar(
-        text("SELECT 1 FROM polyqueue_jobs WHERE id >= :floor AND unique_key = :k LIMIT 1"),
-        {"k": key, "floor": _id_floor(since)},
-    )
-    return ever is not None
-
-
 async def _settle(engine: AsyncEngine, schedule: Schedule, slot: dt.datetime) -> uuid.UUID | None:
     """Enqueue ``schedule``'s job for ``slot`` unless one exists; its id, or None."""
     key = slot_key(schedule, slot)
     since = min(slot, dt.datetime.now(dt.UTC)) - CLOCK_SKEW
     async with engine.connect() as conn:
         async with conn.begin():
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:c, hashtext(:k))"), {"c": _LOCK_CLASS, "k": key})
-            if await _exists(conn, key, since):
+            await schedule_lock_slot(conn, _LOCK_CLASS, key)
+            if await schedule_slot_taken(conn, key, _id_floor(since)):
                 return None
             session = AsyncSession(bind=conn, join_transaction_mode="create_savepoint")
             try:

@@ -27,13 +27,12 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._aio import wait_any
 from polyqueue.maintenance.scheduler import Scheduler
 from polyqueue.metrics import GuardedMetrics
-from polyqueue.queries import job_count_live, job_prune, job_redispatch_stale, job_rescue
+from polyqueue.queries import job_count_live, job_prune, job_redispatch_stale, job_rescue, leader_resign, leader_take
 from polyqueue.registry import Polyqueue
 from polyqueue.settings import Settings
 
@@ -43,19 +42,6 @@ log = logging.getLogger("polyqueue.maintenance")
 
 #: The ``polyqueue_leader`` row of the maintenance leader.
 LEADER_NAME = "maintenance"
-
-# Take the lease when it is free or expired, renew it when it is ours; no row back: someone
-# else holds it. Database time only, so hosts with skewed clocks agree on who leads.
-_LEADER_TAKE = text(
-    """
-    INSERT INTO polyqueue_leader (name, holder, expires_at)
-    VALUES (:name, :holder, now() + make_interval(secs => :ttl))
-    ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-    WHERE polyqueue_leader.expires_at < now() OR polyqueue_leader.holder = excluded.holder
-    RETURNING holder
-    """
-)
-_LEADER_RESIGN = text("DELETE FROM polyqueue_leader WHERE name = :name AND holder = :holder")
 
 
 def lease_ttl(settings: Settings) -> float:
@@ -132,10 +118,9 @@ class Maintenance:
 
     async def _try_lead(self) -> bool:
         """Take or renew the lease; whether this process leads until the next attempt."""
-        params = {"name": LEADER_NAME, "holder": self.holder, "ttl": lease_ttl(self.settings)}
         try:
             async with self.engine.begin() as conn:
-                won = (await conn.execute(_LEADER_TAKE, params)).first() is not None
+                won = await leader_take(conn, name=LEADER_NAME, holder=self.holder, ttl=lease_ttl(self.settings))
         except BaseException:
             self._leading = False  # unknown: the next attempt says
             raise
@@ -154,7 +139,7 @@ class Maintenance:
             return
         try:
             async with self.engine.begin() as conn:
-                await conn.execute(_LEADER_RESIGN, {"name": LEADER_NAME, "holder": self.holder})
+                await leader_resign(conn, name=LEADER_NAME, holder=self.holder)
         except Exception as exc:  # it expires by itself
             log.warning("could not give up the maintenance lease (it expires by itself): %s", exc)
 

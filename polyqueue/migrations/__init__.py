@@ -31,8 +31,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from polyqueue.db import TABLES, make_engine, missing_tables
+from polyqueue.db import make_engine
 from polyqueue.errors import ConfigurationError
+from polyqueue.queries.schema import TABLES, missing_tables
 
 __all__ = [
     "BRANCH_LABEL",

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._conn import HeldConnection
 from polyqueue.queries import Outcome, job_complete_many
+from polyqueue.types import JobStatus
 from polyqueue.worker.executor import error_record
 
 __all__ = ["Completer"]
@@ -117,7 +118,9 @@ class Completer:
                         raise
                     reason = f"its outcome ({outcome.status}) could not be stored: {_first_line(exc)}"
                     error = error_record(outcome.attempt, "OutcomeNotStored", reason)
-                    failed = Outcome(outcome.job_id, outcome.attempt, outcome.worker_id, "failed", error_json=error)
+                    failed = Outcome(
+                        outcome.job_id, outcome.attempt, outcome.worker_id, JobStatus.FAILED, error_json=error
+                    )
                     await self._write([(failed, after)])
             except BaseException:
                 self._buffer[:0] = batch[i:]  # not written: kept for the next try

@@ -24,7 +24,7 @@ from polyqueue.context import JobContext
 from polyqueue.errors import Retry, TerminalError
 from polyqueue.queries import ClaimedJob, Outcome
 from polyqueue.registry import TaskSpec
-from polyqueue.types import TimeoutStrategy
+from polyqueue.types import JobStatus, TimeoutStrategy
 
 __all__ = ["TimeLimitExceeded", "error_record", "execute", "hide_sql_parameters", "retry_or_fail"]
 
@@ -80,7 +80,7 @@ def _stored_traceback(tb: str) -> str:
 
 def _failed(job: ClaimedJob, kind: str, message: str, tb: str | None = None) -> Outcome:
     error = error_record(job.attempt, kind, message, tb)
-    return Outcome(job.id, job.attempt, job.worker_id, "failed", error_json=error, error_type=kind)
+    return Outcome(job.id, job.attempt, job.worker_id, JobStatus.FAILED, error_json=error, error_type=kind)
 
 
 def retry_or_fail(
@@ -88,9 +88,9 @@ def retry_or_fail(
 ) -> Outcome:
     error = error_record(job.attempt, kind, message, tb)
     if job.attempt >= job.max_attempts:
-        return Outcome(job.id, job.attempt, job.worker_id, "failed", error_json=error, error_type=kind)
+        return Outcome(job.id, job.attempt, job.worker_id, JobStatus.FAILED, error_json=error, error_type=kind)
     wait = spec.backoff.delay(job.attempt) if delay is None else delay
-    return Outcome(job.id, job.attempt, job.worker_id, "pending", error_json=error, delay=wait, error_type=kind)
+    return Outcome(job.id, job.attempt, job.worker_id, JobStatus.PENDING, error_json=error, delay=wait, error_type=kind)
 
 
 async def _call(spec: TaskSpec, payload: Any, ctx: JobContext, job: ClaimedJob) -> Any:
@@ -176,4 +176,4 @@ async def execute(
             f"result of task {job.task!r} is {len(result)} bytes; the limit is {spec.max_result_bytes} "
             "(max_result_bytes): store large results elsewhere and return a reference",
         ), ctx
-    return Outcome(job.id, job.attempt, job.worker_id, "succeeded", result_json=result.decode()), ctx
+    return Outcome(job.id, job.attempt, job.worker_id, JobStatus.SUCCEEDED, result_json=result.decode()), ctx

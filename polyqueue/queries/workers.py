@@ -1,0 +1,63 @@
+"""The worker registry: a worker's own row (register, heartbeat, stop).
+
+Liveness is judged from these rows by maintenance (``job_rescue``): a worker whose heartbeat is
+older than ``worker_dead_after`` is declared dead and its running jobs are rescued.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import text
+
+from polyqueue.queries._base import Executor
+
+__all__ = ["worker_heartbeat", "worker_register", "worker_stop"]
+
+
+async def worker_register(
+    conn: Executor,
+    *,
+    worker_id: uuid.UUID,
+    hostname: str,
+    pid: int,
+    queues: Sequence[str],
+    broker: str,
+    concurrency: int,
+) -> None:
+    """Insert this worker's registry row (status running)."""
+    await conn.execute(
+        text(
+            "INSERT INTO polyqueue_workers (id, hostname, pid, queues, broker, concurrency, status) "
+            "VALUES (:id, :hostname, :pid, CAST(:queues AS text[]), :broker, :concurrency, 'running')"
+        ),
+        {
+            "id": worker_id,
+            "hostname": hostname,
+            "pid": pid,
+            "queues": list(queues),
+            "broker": broker,
+            "concurrency": concurrency,
+        },
+    )
+
+
+async def worker_heartbeat(conn: Executor, worker_id: uuid.UUID) -> bool:
+    """Refresh the heartbeat; False when this worker was declared dead (it must stop claiming)."""
+    result = await conn.execute(
+        text("UPDATE polyqueue_workers SET heartbeat_at = now() WHERE id = :id AND status = 'running'"),
+        {"id": worker_id},
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def worker_stop(conn: Executor, worker_id: uuid.UUID) -> None:
+    """Mark this worker stopped (clean exit)."""
+    await conn.execute(
+        text(
+            "UPDATE polyqueue_workers SET status = 'stopped', stopped_at = now(), heartbeat_at = now() "
+            "WHERE id = :id AND status = 'running'"
+        ),
+        {"id": worker_id},
+    )
