@@ -1,7 +1,7 @@
 """Text that leaves a process or is stored for people to read: credentials masked, size capped,
 terminal control sequences removed.
 
-Error messages and tracebacks are written to ``polyqueue_jobs.errors`` and printed by the CLI.
+Error messages and tracebacks are written to the jobs table's ``errors`` and printed by the CLI.
 They often quote what failed: a DSN with its password (``asyncpg`` puts it there), a connection
 string with a SAS key, an ``Authorization`` header. A job's error record is read by whoever may
 read the jobs table; a credential must not be among what they read.
@@ -9,9 +9,12 @@ read the jobs table; a credential must not be among what they read.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
-__all__ = ["MAX_MESSAGE_CHARS", "MAX_TRACEBACK_CHARS", "cap", "clean", "mask_secrets", "printable"]
+from pydantic_core import to_json
+
+__all__ = ["MAX_MESSAGE_CHARS", "MAX_TRACEBACK_CHARS", "cap", "clean", "error_record", "mask_secrets", "printable"]
 
 #: Longest error message stored per attempt; the rest is cut, with a marker.
 MAX_MESSAGE_CHARS = 2_000
@@ -79,3 +82,32 @@ def printable(text: str) -> str:
     """``text`` without terminal control sequences (colours, cursor moves, title changes, bells),
     so stored text printed by the CLI cannot rewrite the operator's screen."""
     return _CONTROL.sub("", text)
+
+
+def error_record(attempt: int, kind: str, message: str, tb: str | None = None) -> str:
+    """One entry of a job's ``errors`` list, as JSON: ``attempt``, ``at``, ``type``, ``message``,
+    ``traceback``. Every record the worker stores is built here; the statements that append a
+    record in SQL (maintenance's rescue, an operator's fail or cancel, the hand-back of an unknown
+    task) build the same keys (``polyqueue.queries.operator.error_record_sql``).
+
+    The message and traceback are stored for whoever reads the jobs table, so credentials in
+    them are masked (a DSN's password, a SAS key), and both are capped: the message at its
+    start, the traceback at its end, where it was raised, each of its lines like a message.
+    """
+    return to_json(
+        {
+            "attempt": attempt,
+            "at": dt.datetime.now(dt.UTC).isoformat(),
+            "type": kind,
+            "message": clean(message, MAX_MESSAGE_CHARS),
+            "traceback": None if tb is None else _stored_traceback(tb),
+        }
+    ).decode()
+
+
+def _stored_traceback(tb: str) -> str:
+    # Each line capped first: a huge exception message is the traceback's last line, and keeping
+    # only the end of the whole would keep nothing but that message.
+    lines = [cap(line, MAX_MESSAGE_CHARS + 512) for line in tb.splitlines()]  # slicing: cheap
+    tail = cap("\n".join(lines), 2 * MAX_TRACEBACK_CHARS, keep="end").splitlines()
+    return cap("\n".join(clean(line, MAX_MESSAGE_CHARS) for line in tail), MAX_TRACEBACK_CHARS, keep="end")

@@ -7,7 +7,7 @@ job and is refused unless ``all=True`` is passed. Every value is a bound paramet
 SQL is assembled only from constant fragments.
 
 A running job that is failed or cancelled is changed in Postgres first, then its worker
-is told on ``polyqueue_cancel`` (delivered on commit) and stops the handler without
+is told on ``CANCEL_CHANNEL`` (delivered on commit) and stops the handler without
 writing anything: the ownership guard (``status = 'running'``) already refuses its
 late outcome.
 """

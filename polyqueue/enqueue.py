@@ -124,7 +124,7 @@ def _row(
     unique_key: str | None,
     meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    """The ``polyqueue_jobs`` row of one job, for :func:`enqueue` and :func:`enqueue_many` alike: the
+    """The jobs-table row of one job, for :func:`enqueue` and :func:`enqueue_many` alike: the
     task resolved, the payload validated and sized, the task's defaults filled in. ``run_at`` None
     means "now" (the database's clock, at insert)."""
     spec = resolve_task(tasks, payload if isinstance(payload, BaseModel) else dict(payload), task)

@@ -5,7 +5,7 @@ over the partial indexes that serve the hot path (few rows by design). Counts of
 jobs are exact while the table holds at most :data:`EXACT_LIMIT` rows (by the planner's
 ``pg_class.reltuples``); above that they are estimated from a ``TABLESAMPLE SYSTEM``
 sample of about :data:`SAMPLE_ROWS` rows and flagged ``estimated``. Throughput and the
-failure rate read ``finished_at`` ranges through ``ix_polyqueue_jobs_finished``.
+failure rate read ``finished_at`` ranges through the index on finished jobs' ``finished_at``.
 """
 
 from __future__ import annotations

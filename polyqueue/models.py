@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Text,
+    TypeDecorator,
     func,
     text,
 )
@@ -48,6 +49,21 @@ def _in(values: tuple[str, ...]) -> str:
 _LIVE = _in(tuple(s.value for s in LIVE_STATUSES))
 
 
+class _JobStatusText(TypeDecorator[JobStatus]):
+    """A ``text`` column whose values read back as :class:`JobStatus` (a ``str``, so comparisons
+    with plain strings and the stored values are unchanged). No check on write: the table's CHECK
+    constraint is the one judge of what a status may be."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else str(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
+
+
 class Base(DeclarativeBase):
     """Declarative base of polyqueue's models (separate from the user's own)."""
 
@@ -64,7 +80,7 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(Text, server_default=text("'default'"))
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
     priority: Mapped[int] = mapped_column(Integer, server_default=text("0"))
-    status: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))
+    status: Mapped[JobStatus] = mapped_column(_JobStatusText, server_default=text("'pending'"))
 
     run_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -77,7 +93,7 @@ class Job(Base):
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     result: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
 
-    # Deliberately no foreign key to polyqueue_workers (DESIGN.md §6: no FK checks on the claim path).
+    # Deliberately no foreign key to polyqueue_workers: no foreign-key checks on the claim path.
     worker_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     progress_heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     timeout_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

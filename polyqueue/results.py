@@ -12,9 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from polyqueue.errors import JobFailedError, JobNotFinishedError, JobNotFoundError, ResultTimeoutError
 from polyqueue.models import Job
-from polyqueue.queries import DONE_CHANNEL
 from polyqueue.registry import find_task
-from polyqueue.types import JobStatus
+from polyqueue.types import DONE_CHANNEL, TERMINAL_STATUSES, JobStatus
 
 __all__ = ["get_job_result", "get_job_result_typed", "get_job_result_typed_via_registry", "wait_for_result"]
 
@@ -112,7 +111,7 @@ async def wait_for_result(
                 # After LISTEN, so a completion between the check and the wait still wakes us.
                 row = await _fetch(conn, jid)
                 await conn.rollback()
-                if row is None or row[0] in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+                if row is None or row[0] in TERMINAL_STATUSES:
                     value = _interpret(jid, row)
                     return value if model is None else TypeAdapter(model).validate_python(value)
                 remaining = deadline - loop.time()

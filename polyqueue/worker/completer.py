@@ -14,9 +14,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._conn import HeldConnection
+from polyqueue._redact import error_record
 from polyqueue.queries import Outcome, job_complete_many
 from polyqueue.types import JobStatus
-from polyqueue.worker.executor import error_record
 
 __all__ = ["Completer"]
 

@@ -7,7 +7,6 @@ the completer persists what it returns.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import re
 import traceback
@@ -19,7 +18,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._redact import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS, cap, clean
+from polyqueue._redact import error_record
 from polyqueue.context import JobContext
 from polyqueue.errors import Retry, TerminalError
 from polyqueue.queries import ClaimedJob, Outcome
@@ -50,32 +49,6 @@ def hide_sql_parameters(exc: BaseException) -> None:
 
 class TimeLimitExceeded(Exception):
     """The handler ran past ``max_run_seconds``."""
-
-
-def error_record(attempt: int, kind: str, message: str, tb: str | None = None) -> str:
-    """One entry of a job's ``errors`` list, as JSON.
-
-    The message and traceback are stored for whoever reads the jobs table, so credentials in
-    them are masked (a DSN's password, a SAS key), and both are capped: the message at its
-    start, the traceback at its end, where it was raised, each of its lines like a message.
-    """
-    return to_json(
-        {
-            "attempt": attempt,
-            "at": dt.datetime.now(dt.UTC).isoformat(),
-            "type": kind,
-            "message": clean(message, MAX_MESSAGE_CHARS),
-            "traceback": None if tb is None else _stored_traceback(tb),
-        }
-    ).decode()
-
-
-def _stored_traceback(tb: str) -> str:
-    # Each line capped first: a huge exception message is the traceback's last line, and keeping
-    # only the end of the whole would keep nothing but that message.
-    lines = [cap(line, MAX_MESSAGE_CHARS + 512) for line in tb.splitlines()]  # slicing: cheap
-    tail = cap("\n".join(lines), 2 * MAX_TRACEBACK_CHARS, keep="end").splitlines()
-    return cap("\n".join(clean(line, MAX_MESSAGE_CHARS) for line in tail), MAX_TRACEBACK_CHARS, keep="end")
 
 
 def _failed(job: ClaimedJob, kind: str, message: str, tb: str | None = None) -> Outcome:
