@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from polyqueue._aio import wait_any, wait_any_future
-from polyqueue.brokers.base import Broker, Message, TransactionalPublisher
+from polyqueue.brokers.base import Broker, Message
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
 from polyqueue.metrics import GuardedMetrics
@@ -112,7 +112,7 @@ class Relay:
             if not rows:
                 return 0
             messages = [Message(r.id, r.queue, r.dispatch_key) for r in rows]
-            if self.broker.capabilities.transactional_publish and isinstance(self.broker, TransactionalPublisher):
+            if self.broker.capabilities.transactional_publish:
                 await self.broker.publish_in(conn, messages)  # commits or rolls back with the mark below
             else:
                 await self.broker.publish(messages)

@@ -64,4 +64,5 @@ def test_url_options_and_make_broker() -> None:
     made = make_broker(
         Polyqueue(queue_backend="redis", broker_url="redis://127.0.0.1:6379/0", lease_seconds=7).settings
     )
-    assert isinstance(made, RedisBroker) and made.lease_seconds == 7
+    assert made is not None  # the adapter, behind its facade
+    assert isinstance(made.adapter, RedisBroker) and made.adapter.lease_seconds == 7

@@ -1,18 +1,21 @@
 """Broker adapters. ``make_broker`` picks one from settings (the composition root's job).
 
-Each adapter module exposes ``create(config: BrokerConfig) -> Broker`` and is imported
-only when chosen, so its SDK stays an optional extra.
+Each adapter module exposes ``create(config: BrokerConfig) -> BrokerAdapter`` and is
+imported only when chosen, so its SDK stays an optional extra. ``make_broker`` hands the
+adapter back behind :class:`~polyqueue.brokers.facade.BrokerFacade`, the one shape the
+runtime sees.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from polyqueue.brokers.base import Broker, BrokerConfig, Capabilities, Delivery, Message
+from polyqueue.brokers.base import Broker, BrokerAdapter, BrokerConfig, Capabilities, Delivery, Message
+from polyqueue.brokers.facade import BrokerFacade
 from polyqueue.errors import ConfigurationError
 from polyqueue.settings import Settings, secret_value
 
-__all__ = ["Broker", "BrokerConfig", "Capabilities", "Delivery", "Message", "make_broker"]
+__all__ = ["Broker", "BrokerConfig", "BrokerFacade", "Capabilities", "Delivery", "Message", "make_broker"]
 
 #: queue_backend → (adapter module, the SDK's top-level package, the pip extra)
 ADAPTERS: dict[str, tuple[str, str, str]] = {
@@ -23,11 +26,14 @@ ADAPTERS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def make_broker(settings: Settings, *, database_url: str | None = None) -> Broker | None:
-    """The broker for ``settings.queue_backend``; None for direct Postgres mode.
+def make_broker(
+    settings: Settings, *, database_url: str | None = None, metrics: object | None = None
+) -> BrokerFacade | None:
+    """The broker for ``settings.queue_backend``, behind its facade; None for direct Postgres mode.
 
     ``database_url`` is the jobs' database as resolved (the embedded one when none is
-    configured), for brokers that live in Postgres.
+    configured), for brokers that live in Postgres. ``metrics`` (a ``MetricsHook`` or
+    ``GuardedMetrics``) receives ``broker_call`` for every call on the broker.
     """
     backend = settings.queue_backend
     if backend == "postgres":
@@ -35,7 +41,7 @@ def make_broker(settings: Settings, *, database_url: str | None = None) -> Broke
     if backend == "none":
         from polyqueue.brokers.memory import MemoryBroker
 
-        return MemoryBroker()
+        return BrokerFacade(MemoryBroker(), metrics=metrics)
     if backend not in ADAPTERS:
         raise ConfigurationError(f"queue_backend {backend!r} is not available in this version of polyqueue")
     module_name, sdk, extra = ADAPTERS[backend]
@@ -59,10 +65,10 @@ def make_broker(settings: Settings, *, database_url: str | None = None) -> Broke
         transaction_pooling=settings.pool_mode == "transaction",
     )
     try:
-        broker: Broker = module.create(config)
+        adapter: BrokerAdapter = module.create(config)
     except ConfigurationError as exc:
         if broker_url and "POLYQUEUE_BROKER_URL" not in str(exc):
             # The adapter knows what is wrong; the user needs to know which setting to change.
             raise ConfigurationError(f"broker_url (POLYQUEUE_BROKER_URL) for queue_backend {backend!r}: {exc}") from exc
         raise
-    return broker
+    return BrokerFacade(adapter, metrics=metrics)

@@ -1,31 +1,48 @@
-"""The broker contract (DESIGN.md §4): what every delivery adapter implements.
+"""The broker contract: what the runtime calls on a broker, and the pieces adapters share.
 
 A broker carries only deliveries — a job id and its queue (claim check). Postgres
-holds the job. Adapters import only this module, ``polyqueue.types``,
+holds the job. :class:`Broker` is exactly what the worker (``worker/sources.py``) and
+the relay call; the runtime holds every adapter through
+:class:`~polyqueue.brokers.facade.BrokerFacade`, which keeps that contract at the
+boundary (errors, timing, tracing, a bounded close).
+
+Shared by the adapters, so each piece is written once: :class:`BrokerAdapter` (the
+defaults of ``ack_many`` and ``publish_in``), :class:`ErrorMap` (an SDK error becomes a
+``BrokerError``), :func:`retry_if_vanished` (a queue that vanished is set up again and the
+call retried once), :func:`read_options` (typed options of a broker URL's query string)
+and the message codec. Adapters import only this module, ``polyqueue.types``,
 ``polyqueue.errors`` and their SDK.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import json
+import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from polyqueue.errors import BrokerError, ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = [
     "Broker",
+    "BrokerAdapter",
     "BrokerConfig",
     "Capabilities",
     "Delivery",
+    "ErrorMap",
     "Message",
-    "TransactionalPublisher",
     "decode_each",
     "decode_message",
     "encode_message",
+    "read_options",
+    "retry_if_vanished",
 ]
 
 T = TypeVar("T")
@@ -66,7 +83,6 @@ class Capabilities:
     """What an adapter can do; tests skip by capability, never by adapter name."""
 
     lease: bool = True  # deliveries not acked within a lease are redelivered
-    delayed_release: bool = True  # release(delay>0) holds the message back
     survives_restart: bool = True  # messages outlive the process
     dead_letter: bool = False  # deliveries received too often are moved aside, not redelivered forever
     # publish_in(conn, messages) joins the caller's database transaction (PGMQ in the jobs' database)
@@ -85,7 +101,12 @@ class BrokerConfig:
 
 @runtime_checkable
 class Broker(Protocol):
-    """An async delivery transport. All methods raise ``BrokerError`` subclasses on failure."""
+    """An async delivery transport: what the worker and the relay call, and nothing more.
+
+    All methods raise ``BrokerError`` subclasses on failure (the facade makes sure of it).
+    There is no ``release``: a job that goes back to ``pending`` is published anew by the
+    relay, so the worker acks its delivery instead (docs/decisions.md, 2026-11-28).
+    """
 
     name: str
     capabilities: Capabilities
@@ -95,6 +116,13 @@ class Broker(Protocol):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """Publish a batch. Either every message is published or ``BrokerError`` is raised."""
+
+    async def publish_in(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
+        """Publish on ``conn`` inside its open transaction: visible on commit, gone on rollback.
+
+        Only where ``capabilities.transactional_publish`` (PGMQ in the jobs' database); the
+        relay asks the capability, never the type.
+        """
 
     async def receive(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting at most ``wait`` seconds for the first."""
@@ -106,24 +134,139 @@ class Broker(Protocol):
         """
 
     async def ack(self, delivery: Delivery) -> None:
-        """Remove the delivery for good."""
+        """Remove the delivery for good (a logged no-op when it is no longer ours)."""
 
-    # Optional: ``async def ack_many(self, deliveries: Sequence[Delivery]) -> None`` acks a
-    # batch in one round trip; the worker uses it when present (see BrokerSource).
-
-    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
-        """Give the delivery back, to be redelivered after ``delay`` seconds."""
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """:meth:`ack` for a batch, in as few round trips as the broker allows (the worker's acks)."""
 
     async def close(self) -> None:
         """Release connections; a receive in progress returns."""
 
 
-@runtime_checkable
-class TransactionalPublisher(Protocol):
-    """A broker whose ``capabilities.transactional_publish`` is True also has ``publish_in``."""
+class BrokerAdapter(abc.ABC):
+    """Base of the adapters: the contract as abstract methods, and defaults for its optional parts.
+
+    ``errors`` is how the adapter's SDK errors become ``BrokerError`` (the facade maps with it
+    whatever an adapter lets escape).
+    """
+
+    name: str
+    capabilities: Capabilities
+    errors: ErrorMap
+
+    @abc.abstractmethod
+    async def ensure(self, queues: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(self, messages: Sequence[Message]) -> None: ...
+
+    @abc.abstractmethod
+    async def receive(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]: ...
+
+    @abc.abstractmethod
+    async def extend(self, delivery: Delivery, seconds: float) -> None: ...
+
+    @abc.abstractmethod
+    async def ack(self, delivery: Delivery) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """One :meth:`ack` after the other; adapters with a batch call override it."""
+        for d in deliveries:
+            await self.ack(d)
 
     async def publish_in(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
-        """Publish on ``conn`` inside its open transaction: visible on commit, gone on rollback."""
+        """Refused: this adapter cannot join a database transaction (``transactional_publish`` is off)."""
+        raise BrokerError(f"the {self.name} broker cannot publish inside a database transaction", transient=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMap:
+    """How one adapter's SDK errors become ``BrokerError``: the one place that builds them.
+
+    ``sdk`` are the SDK's exception types (what :meth:`mapped` catches); ``transient`` says
+    whether waiting may fix one (``OSError``, the network and timeouts, always may);
+    ``detail`` words it (never with a URL or a secret).
+    """
+
+    backend: str
+    where: str
+    sdk: tuple[type[BaseException], ...] = ()
+    transient: Callable[[BaseException], bool] = lambda _exc: False
+    detail: Callable[[BaseException], str] = lambda exc: str(exc) or type(exc).__name__
+
+    def error(self, op: str, exc: BaseException) -> BrokerError:
+        """The ``BrokerError`` for ``exc`` met during ``op`` (raise it ``from exc``)."""
+        transient = isinstance(exc, OSError) or self.transient(exc)
+        return BrokerError(f"{self.backend} {op} at {self.where} failed: {self.detail(exc)}", transient=transient)
+
+    @contextlib.contextmanager
+    def mapped(self, op: str) -> Iterator[None]:
+        """Raise the SDK's errors met inside as ``BrokerError`` (ours pass unchanged)."""
+        try:
+            yield
+        except BrokerError:
+            raise
+        except self.sdk as exc:
+            raise self.error(op, exc) from exc
+
+
+async def retry_if_vanished(
+    op: str,
+    call: Callable[[], Awaitable[T]],
+    *,
+    errors: ErrorMap,
+    vanished: Callable[[BaseException], bool],
+    forget: Callable[[], object],
+    log: logging.Logger,
+    what: str,
+) -> T:
+    """Run ``call``; when it fails because its queue vanished (deleted, or a server or emulator
+    restarted empty), ``forget`` what was cached about the queue and run ``call`` once more.
+
+    ``call`` sets up what it needs (resolving or creating the queue) on each run. Every other
+    SDK error, and one on the second run, is raised as ``BrokerError``.
+    """
+    try:
+        return await call()
+    except BrokerError:
+        raise
+    except errors.sdk as exc:
+        if not vanished(exc):
+            raise errors.error(op, exc) from exc
+        log.warning("%s %s vanished at %s; setting it up again", errors.backend, what, errors.where)
+        forget()
+    with errors.mapped(op):
+        return await call()
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_KINDS = {bool: "a boolean (true/false)", int: "an integer", float: "a number"}
+
+
+def read_options(backend: str, given: Mapping[str, str], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a broker URL's query string, each parsed to the type of its default.
+
+    ``given`` holds the raw strings; an option not in ``defaults`` is refused, naming the
+    known ones. A default of None (or a string) takes the text as it is.
+    """
+    if unknown := sorted(set(given) - set(defaults)):
+        raise ConfigurationError(f"{backend} broker URL: unknown options {unknown}; known: {', '.join(defaults)}")
+    out = dict(defaults)
+    for key, raw in given.items():
+        kind = type(defaults[key])
+        try:
+            if kind is bool:
+                out[key] = _BOOLEANS[raw.lower()]
+            elif kind in (int, float):
+                out[key] = kind(raw)
+            else:
+                out[key] = raw
+        except (KeyError, ValueError):
+            raise ConfigurationError(f"{backend} broker URL option {key}={raw!r} is not {_KINDS[kind]}") from None
+    return out
 
 
 def encode_message(message: Message) -> bytes:

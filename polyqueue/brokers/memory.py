@@ -10,21 +10,21 @@ import asyncio
 import collections
 from collections.abc import Sequence
 
-from polyqueue.brokers.base import Capabilities, Delivery, Message
+from polyqueue.brokers.base import BrokerAdapter, Capabilities, Delivery, ErrorMap, Message
 
 __all__ = ["MemoryBroker"]
 
 
-class MemoryBroker:
+class MemoryBroker(BrokerAdapter):
     """The ``queue_backend="none"`` (alias ``"memory"``) broker."""
 
     name = "memory"
-    capabilities = Capabilities(lease=False, delayed_release=True, survives_restart=False)
+    capabilities = Capabilities(lease=False, survives_restart=False)
+    errors = ErrorMap("memory", "this process")
 
     def __init__(self) -> None:
         self._queues: dict[str, collections.deque[Delivery]] = collections.defaultdict(collections.deque)
         self._available = asyncio.Event()
-        self._timers: set[asyncio.TimerHandle] = set()
         self._closed = False
 
     async def ensure(self, queues: Sequence[str]) -> None:
@@ -61,30 +61,11 @@ class MemoryBroker:
         return []
 
     async def extend(self, delivery: Delivery, seconds: float) -> None:
-        return None  # no lease: a delivery stays with its receiver until acked or released
+        return None  # no lease: a delivery stays with its receiver until acked
 
     async def ack(self, delivery: Delivery) -> None:
         return None
 
-    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
-        delivery.delivery_count += 1
-        if delay <= 0:
-            self._queues[delivery.queue].appendleft(delivery)
-            self._available.set()
-            return
-        loop = asyncio.get_running_loop()
-
-        def put_back() -> None:
-            self._timers.discard(handle)
-            self._queues[delivery.queue].append(delivery)
-            self._available.set()
-
-        handle = loop.call_later(delay, put_back)
-        self._timers.add(handle)
-
     async def close(self) -> None:
         self._closed = True
-        for t in self._timers:
-            t.cancel()
-        self._timers.clear()
         self._available.set()

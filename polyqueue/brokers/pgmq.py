@@ -3,12 +3,12 @@
 One PGMQ queue per polyqueue queue (``queue_prefix`` + name, see :meth:`PgmqBroker.pgmq_name`),
 created by ``ensure``. publish = ``pgmq.send_batch`` per queue in one transaction; receive =
 ``pgmq.read`` with the lease as visibility timeout, polled with a short sleep (no
-connection is held while waiting, and ``close()`` ends the wait); extend / release =
-``pgmq.set_vt``; ack = ``pgmq.delete`` (or ``pgmq.archive``).
+connection is held while waiting, and ``close()`` ends the wait); extend = ``pgmq.set_vt``;
+ack = ``pgmq.delete`` (or ``pgmq.archive``).
 
-A lease is fenced by the message's ``read_ct``: every read raises it, so extend / ack /
-release lock the row and act only while ``read_ct`` is still the one this delivery
-read. ``pgmq.delete`` alone would delete a message another consumer took over.
+A lease is fenced by the message's ``read_ct``: every read raises it, so extend and ack
+lock the row and act only while ``read_ct`` is still the one this delivery read.
+``pgmq.delete`` alone would delete a message another consumer took over.
 
 When PGMQ lives in the jobs' database (no ``broker_url``), :meth:`PgmqBroker.publish_in`
 sends on the caller's connection, inside its transaction: the relay's publish and its
@@ -36,16 +36,20 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from polyqueue.brokers.base import (
+    BrokerAdapter,
     BrokerConfig,
     Capabilities,
     Delivery,
+    ErrorMap,
     Message,
     decode_each,
     decode_message,
     encode_message,
+    read_options,
+    retry_if_vanished,
 )
 from polyqueue.db import asyncpg_url, make_engine
-from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
+from polyqueue.errors import ConfigurationError, LeaseLostError
 
 __all__ = ["PgmqBroker"]
 
@@ -92,7 +96,7 @@ _FENCE_MANY = (
 )
 
 
-class PgmqBroker:
+class PgmqBroker(BrokerAdapter):
     """Deliveries in PGMQ (``queue_backend="pgmq"``), on an asyncpg engine of its own.
 
     ``url`` is a Postgres URL whose query string may also carry ``queue_prefix``,
@@ -117,20 +121,21 @@ class PgmqBroker:
         pool_size: int = 5,
         transaction_pooling: bool = False,
     ) -> None:
-        parsed, options = split_url(url)
-        self.queue_prefix = options.get("queue_prefix", queue_prefix)
-        self.archive = _option(options, "archive", archive, _parse_bool)
-        self.poll_interval = _option(options, "poll_interval", poll_interval, float)
+        parsed, given = split_url(url)
+        defaults = {"queue_prefix": queue_prefix, "archive": archive, "poll_interval": float(poll_interval)}
+        options = read_options("pgmq", given, defaults)
+        self.queue_prefix, self.archive, self.poll_interval = (options[k] for k in defaults)
         self.lease_seconds = lease_seconds
         self.same_database = same_database
         if lease_seconds <= 0 or not 0 < self.poll_interval <= 10:
             raise ConfigurationError("pgmq broker: lease_seconds must be > 0 and poll_interval in (0, 10]")
         if not re.fullmatch(r"[a-z0-9_]{0,20}", self.queue_prefix):
             raise ConfigurationError(f"pgmq broker: queue_prefix {self.queue_prefix!r} must match [a-z0-9_]{{0,20}}")
-        self.capabilities = _capabilities(transactional_publish=same_database)
+        self.capabilities = Capabilities(lease=True, survives_restart=True, transactional_publish=same_database)
         self._where = (
             f"{parsed.host or parsed.query.get('host') or 'localhost'}:{parsed.port or 5432}/{parsed.database}"
         )
+        self.errors = ErrorMap("pgmq", self._where, (SQLAlchemyError, OSError), _transient, _detail)
         # pre-ping: a pooled connection a server restart killed is replaced on checkout, not reported
         self._engine = make_engine(
             parsed, pool_size=pool_size, transaction_pooling=transaction_pooling, connect_args={"timeout": 10}
@@ -165,7 +170,7 @@ class PgmqBroker:
         """``pgmq.create`` each queue whose tables are missing (idempotent, safe concurrently)."""
         if not queues:
             return
-        with self._tracked(), self._mapped("ensure"):
+        with self._tracked(), self.errors.mapped("ensure"):
             async with self._engine.begin() as conn:
                 for q in sorted(set(queues)):  # one order everywhere: PGMQ takes an advisory lock per queue
                     name = self.pgmq_name(q)
@@ -202,7 +207,7 @@ class PgmqBroker:
             except (SQLAlchemyError, OSError) as exc:
                 if _sqlstate(exc) == _UNDEFINED_TABLE:
                     self._ensured.difference_update(queues)  # dropped behind our back: re-create next time
-                raise self._error("publish", exc) from exc
+                raise self.errors.error("publish", exc) from exc
 
     async def receive(self, queues: Sequence[str], max_messages: int, wait: float) -> list[Delivery]:
         """``pgmq.read`` over the queues (rotating which goes first), polling every
@@ -253,16 +258,11 @@ class PgmqBroker:
                         acked += int(await conn.scalar(sql, params) or 0)
             except (SQLAlchemyError, OSError) as exc:
                 if _sqlstate(exc) != _UNDEFINED_TABLE:  # a dropped queue took its messages with it
-                    raise self._error("ack", exc) from exc
+                    raise self.errors.error("ack", exc) from exc
         if acked < len(deliveries):
             log.info(
                 "ack of %d of %d pgmq message(s) skipped: not ours any more", len(deliveries) - acked, len(deliveries)
             )
-
-    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
-        """``pgmq.set_vt`` to ``delay`` seconds from now (the message keeps its id and read_ct)."""
-        if not await self._set_vt("release", delivery, max(delay, 0.0)):
-            log.info("release of pgmq message %s (queue %r) skipped: not ours", delivery.handle, delivery.queue)
 
     async def close(self) -> None:
         """End any waiting receive, let calls in flight finish (up to 2 s), close the pool."""
@@ -311,22 +311,22 @@ class PgmqBroker:
             except (SQLAlchemyError, OSError) as exc:
                 if _sqlstate(exc) == _UNDEFINED_TABLE:
                     return False  # the queue was dropped: its messages with it
-                raise self._error(op, exc) from exc
+                raise self.errors.error(op, exc) from exc
 
     async def _with_queues(self, op: str, queues: set[str], call: Callable[[], Awaitable[T]]) -> T:
         """Run ``call`` with the queues created; re-create them once if they vanished (dropped)."""
-        for attempt in (0, 1):
+
+        async def attempt() -> T:
             missing = [q for q in queues if q not in self._ensured]
             if missing:
                 await self.ensure(missing)
-            try:
-                return await call()
-            except (SQLAlchemyError, OSError) as exc:
-                if attempt or _sqlstate(exc) != _UNDEFINED_TABLE:
-                    raise self._error(op, exc) from exc
-                log.warning("pgmq queue table missing on %s (dropped?); re-creating %s", self._where, sorted(queues))
-                self._ensured.difference_update(queues)
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await call()
+
+        forget = functools.partial(self._ensured.difference_update, queues)
+        what = f"queue tables of {sorted(queues)}"
+        return await retry_if_vanished(
+            op, attempt, errors=self.errors, vanished=_vanished, forget=forget, log=log, what=what
+        )
 
     @contextlib.contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -340,26 +340,28 @@ class PgmqBroker:
             if not self._inflight:
                 self._drained.set()
 
-    @contextlib.contextmanager
-    def _mapped(self, op: str) -> Iterator[None]:
-        try:
-            yield
-        except (SQLAlchemyError, OSError) as exc:
-            raise self._error(op, exc) from exc
 
-    def _error(self, op: str, exc: BaseException) -> BrokerError:
-        code = _sqlstate(exc)
-        detail = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
-        detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
-        if code in _NOT_INSTALLED:
-            detail += " (is PGMQ installed in that database? run `polyqueue db install-pgmq`)"
-        transient = (
-            isinstance(exc, OSError | InterfaceError)
-            or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
-            or (code is not None and code.startswith(_TRANSIENT_CLASSES))
-            or (code is None and not isinstance(exc, DBAPIError))  # pool timeouts and the like
-        )
-        return BrokerError(f"pgmq {op} at {self._where} failed: {detail}", transient=transient)
+def _transient(exc: BaseException) -> bool:
+    code = _sqlstate(exc)
+    return (
+        isinstance(exc, OSError | InterfaceError)
+        or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        or (code is not None and code.startswith(_TRANSIENT_CLASSES))
+        or (code is None and isinstance(exc, SQLAlchemyError) and not isinstance(exc, DBAPIError))  # pool timeouts
+    )
+
+
+def _detail(exc: BaseException) -> str:
+    detail = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+    detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
+    if _sqlstate(exc) in _NOT_INSTALLED:
+        detail += " (is PGMQ installed in that database? run `polyqueue db install-pgmq`)"
+    return detail
+
+
+def _vanished(exc: BaseException) -> bool:
+    """A queue's table is missing: dropped behind our back."""
+    return _sqlstate(exc) == _UNDEFINED_TABLE
 
 
 def _row_delivery(queue: str, row: Any) -> Delivery:
@@ -387,16 +389,6 @@ def _sqlstate(exc: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def _capabilities(*, transactional_publish: bool) -> Capabilities:
-    return Capabilities(
-        lease=True,
-        delayed_release=True,
-        survives_restart=True,
-        dead_letter=False,
-        transactional_publish=transactional_publish,
-    )
-
-
 def split_url(url: str | URL) -> tuple[URL, dict[str, str]]:
     """The asyncpg URL without polyqueue's query options, and those options."""
     parsed = asyncpg_url(url)
@@ -406,19 +398,6 @@ def split_url(url: str | URL) -> tuple[URL, dict[str, str]]:
         if value is not None:
             options[key] = value if isinstance(value, str) else value[-1]
     return parsed.difference_update_query(URL_OPTIONS), options
-
-
-def _option(options: dict[str, str], key: str, default: T, parse: Callable[[str], T]) -> T:
-    try:
-        return parse(options[key]) if key in options else default
-    except ValueError:
-        raise ConfigurationError(f"pgmq broker URL option {key}={options[key]!r} is not valid") from None
-
-
-def _parse_bool(value: str) -> bool:
-    if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError(value)
-    return value.lower() in ("1", "true", "yes", "on")
 
 
 def create(config: BrokerConfig) -> PgmqBroker:

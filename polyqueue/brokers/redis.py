@@ -1,15 +1,15 @@
 """Redis Streams broker: one stream per queue, read through one consumer group.
 
-Keys (``P`` = ``key_prefix``, ``Q`` = queue): ``P:Q`` the stream, ``P:Q:delayed`` a
-sorted set of bodies released with a delay (scored by due time, in ms of the
-server's clock), ``P:Q:dead`` the dead-letter stream. Every step that must check
-and change state together is one Lua script, so it is atomic on the server:
+Keys (``P`` = ``key_prefix``, ``Q`` = queue): ``P:Q`` the stream, ``P:Q:dead`` the
+dead-letter stream. Every step that must check and change state together is one Lua
+script, so it is atomic on the server:
 
-* receive: move due delayed bodies into the stream, ``XAUTOCLAIM`` entries idle
-  past the lease (crash recovery; dead-letter those delivered too often), then a
-  blocking ``XREADGROUP >`` over all the queues' streams.
-* extend / ack / release first check with ``XPENDING`` that this consumer still
-  owns the entry: ``XACK`` alone would ack an entry another consumer reclaimed.
+* receive: ``XAUTOCLAIM`` entries idle past the lease (crash recovery; dead-letter
+  those delivered too often), then a blocking ``XREADGROUP >`` over all the queues'
+  streams.
+* extend / ack / release (the surplus of a receive handed back) first check with
+  ``XPENDING`` that this consumer still owns the entry: ``XACK`` alone would ack an
+  entry another consumer reclaimed.
 
 Trimming (``XADD MAXLEN ~``) can drop an un-acked entry; that loses one delivery,
 which the maintenance loop's re-dispatch backstop replaces (Postgres is the truth).
@@ -26,18 +26,22 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from polyqueue.brokers.base import (
+    BrokerAdapter,
     BrokerConfig,
     Capabilities,
     Delivery,
+    ErrorMap,
     Message,
     decode_each,
     decode_message,
     encode_message,
+    read_options,
+    retry_if_vanished,
 )
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
@@ -71,19 +75,13 @@ T = TypeVar("T")
 #: Options read from the URL's query string (removed before redis-py sees the URL).
 URL_OPTIONS = ("group", "consumer", "maxlen", "dead_letter_after", "key_prefix")
 #: Longest single ``XREADGROUP BLOCK``: stays under redis-py's socket timeout (5 s by
-#: default) and bounds how late a due delayed message or an expired lease is noticed.
+#: default) and bounds how late an expired lease is noticed.
 MAX_BLOCK_SECONDS = 2.0
-#: Delayed bodies moved into the stream per queue and receive call.
-PROMOTE_BATCH = 1000
 
 _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.TryAgainError, rex.ClusterDownError)
 
 # Shared by every script. KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id.
 _PRELUDE = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
 local function owned()
   local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
   return type(p) == 'table' and p.err == nil and #p > 0 and p[1][2] == ARGV[2]
@@ -101,29 +99,17 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """,
-    # KEYS[2] delayed zset; ARGV[4] body, ARGV[5] delay ms, ARGV[6] maxlen.
+    # ARGV[4] body, ARGV[5] maxlen: a fresh entry at the tail, the old one gone.
     "release": """
 if not owned() then return 0 end
-if tonumber(ARGV[5]) > 0 then
-  redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[5]), ARGV[4])
-else
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], '*', 'body', ARGV[4])
-end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'body', ARGV[4])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """,
-    # KEYS: stream, delayed, dead. ARGV: group, consumer, min idle ms, cursor, count, dead_letter_after, maxlen,
-    # promote batch. Returns {next cursor, {{id, fields, deliveries}...}, {dead-lettered ids}, ms to next due}.
+    # KEYS: stream, dead. ARGV: group, consumer, min idle ms, cursor, count, dead_letter_after, maxlen.
+    # Returns {next cursor, {{id, fields, deliveries}...}, {dead-lettered ids}}.
     "take": """
-local now = now_ms()
-for _, body in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[8])) do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[7], '*', 'body', body)
-  redis.call('ZREM', KEYS[2], body)
-end
-local next_due = -1
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #first > 0 then next_due = math.max(0, tonumber(first[2]) - now) end
 -- 3 elements since Redis 7 (with deleted ids), 2 on 6.2; only the first two are used
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
 local live, dead = {}, {}
@@ -136,7 +122,7 @@ for _, e in ipairs(r[2]) do
       local f = {}
       for i, v in ipairs(e[2]) do f[i] = v end
       for _, v in ipairs({'source_id', e[1], 'deliveries', n}) do f[#f + 1] = v end
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', unpack(f))
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(f))
       redis.call('XACK', KEYS[1], ARGV[1], e[1])
       redis.call('XDEL', KEYS[1], e[1])
       dead[#dead + 1] = e[1]
@@ -145,7 +131,7 @@ for _, e in ipairs(r[2]) do
     end
   end
 end
-return {r[1], live, dead, next_due}
+return {r[1], live, dead}
 """,
     # On close, forget this consumer, but only while it holds no pending entry (DELCONSUMER drops them).
     "forget": """
@@ -158,7 +144,7 @@ return 0
 }
 
 
-class RedisBroker:
+class RedisBroker(BrokerAdapter):
     """Deliveries on Redis Streams with a consumer group (``queue_backend="redis"``).
 
     ``url`` is a ``redis://``, ``rediss://`` or ``unix://`` URL; its query string may
@@ -168,7 +154,7 @@ class RedisBroker:
     """
 
     name = "redis"
-    capabilities = Capabilities(lease=True, delayed_release=True, survives_restart=True, dead_letter=True)
+    capabilities = Capabilities(lease=True, survives_restart=True, dead_letter=True)
 
     def __init__(
         self,
@@ -181,12 +167,12 @@ class RedisBroker:
         dead_letter_after: int = 20,
         key_prefix: str = "polyqueue",
     ) -> None:
-        url, options = _split_url(url)
-        self.group = options.get("group", group)
-        self.consumer = options.get("consumer", consumer) or _default_consumer()
-        self.key_prefix = options.get("key_prefix", key_prefix)
-        self.maxlen = _int_option(options, "maxlen", maxlen)
-        self.dead_letter_after = _int_option(options, "dead_letter_after", dead_letter_after)
+        url, given = _split_url(url)
+        defaults = {"group": group, "consumer": consumer, "maxlen": maxlen, "dead_letter_after": dead_letter_after}
+        options = read_options("redis", given, {**defaults, "key_prefix": key_prefix})
+        self.group, self.key_prefix = options["group"], options["key_prefix"]
+        self.consumer = options["consumer"] or _default_consumer()
+        self.maxlen, self.dead_letter_after = options["maxlen"], options["dead_letter_after"]
         self.lease_seconds = lease_seconds
         if lease_seconds <= 0 or self.maxlen < 1 or self.dead_letter_after < 1:
             raise ConfigurationError("redis broker: lease_seconds must be > 0, maxlen and dead_letter_after >= 1")
@@ -196,10 +182,11 @@ class RedisBroker:
         parts = urlsplit(url)
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3)
         try:  # protocol=2: the stream replies are parsed below in their RESP2 shape
-            self._where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+            where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
             self._redis = aioredis.Redis.from_url(url, protocol=2, retry=retry)
         except ValueError as exc:
             raise ConfigurationError(f"not a Redis URL: {self.url} ({exc})") from None
+        self.errors = ErrorMap("redis", where, (rex.RedisError,), _transient)
         timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block = min(MAX_BLOCK_SECONDS, lease_seconds / 2, float(timeout or 5.0) / 2)
         self._scripts = {name: self._redis.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
@@ -219,21 +206,21 @@ class RedisBroker:
         """Create each queue's stream and consumer group (``XGROUP CREATE ... 0 MKSTREAM``)."""
         if not queues:
             return
-        with self._mapped("ensure"):
+        with self.errors.mapped("ensure"):
             pipe = self._redis.pipeline(transaction=False)
             for q in queues:
                 pipe.xgroup_create(self.stream(q), self.group, id="0", mkstream=True)
             results = await pipe.execute(raise_on_error=False)
         for q, res in zip(queues, results, strict=True):
             if isinstance(res, Exception) and "BUSYGROUP" not in str(res):
-                raise self._error("ensure", res) from res
+                raise self.errors.error("ensure", res) from res
             self._groups.add(q)
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """``XADD`` every message in one pipelined round trip, trimming each stream to ~maxlen."""
         if not messages:
             return
-        with self._mapped("publish"):
+        with self.errors.mapped("publish"):
             pipe = self._redis.pipeline(transaction=False)
             for m in messages:
                 pipe.xadd(self.stream(m.queue), {"body": encode_message(m)}, maxlen=self.maxlen, approximate=True)
@@ -246,13 +233,11 @@ class RedisBroker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait, 0.0)
         while True:
-            step = functools.partial(self._pass, queues, max_messages, deadline - loop.time())
-            out = await self._with_groups("receive", queues, step)
+            out = await self._with_groups(queues, deadline - loop.time(), max_messages)
             if out is None:  # closed while blocked
                 return []
             if len(out) > max_messages:  # XAUTOCLAIM/XREADGROUP COUNT is per stream: hand the surplus back
-                for d in out[max_messages:]:
-                    await self.release(d)
+                await self._release_all(out[max_messages:])
                 del out[max_messages:]
             if out or deadline - loop.time() <= 0 or self._closing.is_set():
                 return out
@@ -277,22 +262,21 @@ class RedisBroker:
         owned = [d for d in deliveries if d.handle is not None]
         if not owned:
             return
-        with self._mapped("ack"):
-            pipe = self._redis.pipeline(transaction=False)
-            for d in owned:
-                keys = [self.stream(d.queue), f"{self.stream(d.queue)}:delayed"]
-                await self._scripts["ack"](keys=keys, args=[self.group, self.consumer, d.handle], client=pipe)
-            results = await pipe.execute()
+        results = await self._pipelined("ack", [(d, ()) for d in owned])
         skipped = sum(1 for r in results if not r)
         if skipped:
             log.info("ack of %d redis entries skipped: not ours any more", skipped)
 
-    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
-        """Re-add the body now (a fresh entry) or after ``delay`` (the delayed set), dropping the old entry."""
-        body = encode_message(Message(delivery.job_id, delivery.queue)) if delivery.job_id else _raw(delivery)
-        delay_ms = max(0, round(delay * 1000))
-        if not await self._owned_call("release", delivery, body, delay_ms, self.maxlen):
-            log.info("release of redis entry %s (queue %r) skipped: not ours any more", delivery.handle, delivery.queue)
+    async def _release_all(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand deliveries back (not part of the contract: a receive's surplus), each re-added
+        as a fresh entry at its stream's tail and the old entry dropped, in one round trip."""
+        calls = []
+        for d in deliveries:
+            body = encode_message(Message(d.job_id, d.queue)) if d.job_id else _raw(d)
+            calls.append((d, (body, self.maxlen)))
+        skipped = sum(1 for r in await self._pipelined("release", calls) if not r)
+        if skipped:
+            log.info("release of %d redis entries skipped: not ours any more", skipped)
 
     async def close(self) -> None:
         """Return any blocked receive, forget this consumer where it holds nothing, close the pool."""
@@ -301,37 +285,34 @@ class RedisBroker:
         self._closing.set()
         with contextlib.suppress(BrokerError, TimeoutError):
             async with asyncio.timeout(2.0):
-                with self._mapped("close"):
+                with self.errors.mapped("close"):
                     for q in sorted(self._groups):
                         await self._scripts["forget"](keys=[self.stream(q)], args=[self.group, self.consumer])
         await self._redis.aclose()
 
     # -- internals -------------------------------------------------------------------------------
-    async def _take_all(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float]:
-        """Promote due delayed bodies and reclaim expired leases on every queue, in one round trip."""
+    async def _take_all(self, queues: Sequence[str], limit: int) -> list[Delivery]:
+        """Reclaim expired leases on every queue, in one round trip."""
         pipe = self._redis.pipeline(transaction=False)
         for q in queues:
-            keys = [self.stream(q), f"{self.stream(q)}:delayed", f"{self.stream(q)}:dead"]
+            keys = [self.stream(q), f"{self.stream(q)}:dead"]
             lease_ms = round(self.lease_seconds * 1000)
             cursor = self._cursors.get(q, b"0-0")
             args: list[Any] = [self.group, self.consumer, lease_ms, cursor, limit, self.dead_letter_after, self.maxlen]
-            await self._scripts["take"](keys=keys, args=[*args, PROMOTE_BATCH], client=pipe)
+            await self._scripts["take"](keys=keys, args=args, client=pipe)
         replies: list[Any] = await pipe.execute()
         out: list[Delivery] = []
-        next_due = float("inf")
-        for q, (cursor, live, dead, due_ms) in zip(queues, replies, strict=True):
+        for q, (cursor, live, dead) in zip(queues, replies, strict=True):
             self._cursors[q] = cursor
-            if due_ms >= 0:
-                next_due = min(next_due, due_ms / 1000)
             for entry_id in dead:
                 log.error("redis entry %s of queue %r dead-lettered after too many deliveries", _s(entry_id), q)
             out += decode_each(q, live, functools.partial(self._claimed_delivery, q), handle=lambda e: _s(e[0]))
-        return out, next_due
+        return out
 
     async def _pass(self, queues: Sequence[str], limit: int, left: float) -> list[Delivery] | None:
-        """Reclaim and promote, then read new entries, blocking up to ``left`` seconds if nothing came back."""
-        out, next_due = await self._take_all(queues, limit)
-        block = None if out else min(left, self._max_block, next_due)
+        """Reclaim, then read new entries, blocking up to ``left`` seconds if nothing came back."""
+        out = await self._take_all(queues, limit)
+        block = None if out else min(left, self._max_block)
         read = await self._read(queues, limit - len(out), block)
         return None if read is None else out + read
 
@@ -388,42 +369,47 @@ class RedisBroker:
         """Run the ``op`` script on the delivery's entry; False when this consumer does not own it."""
         if delivery.handle is None:
             return False
-        keys = [self.stream(delivery.queue), f"{self.stream(delivery.queue)}:delayed"]
         argv: list[Any] = [self.group, self.consumer, delivery.handle, *args]
-        with self._mapped(op):
-            return bool(await self._scripts[op](keys=keys, args=argv))
+        with self.errors.mapped(op):
+            return bool(await self._scripts[op](keys=[self.stream(delivery.queue)], args=argv))
 
-    async def _with_groups(self, op: str, queues: Sequence[str], call: Callable[[], Awaitable[T]]) -> T:
-        """Run ``call`` with the queues' groups in place; re-create them once on NOGROUP (data lost)."""
-        for attempt in (0, 1):
+    async def _pipelined(self, op: str, calls: Sequence[tuple[Delivery, tuple[Any, ...]]]) -> list[Any]:
+        """The ``op`` script on each delivery's entry (with its extra arguments), in one round trip."""
+        with self.errors.mapped(op):
+            pipe = self._redis.pipeline(transaction=False)
+            for d, args in calls:
+                argv = [self.group, self.consumer, d.handle, *args]
+                await self._scripts[op](keys=[self.stream(d.queue)], args=argv, client=pipe)
+            return list(await pipe.execute())
+
+    async def _with_groups(self, queues: Sequence[str], left: float, limit: int) -> list[Delivery] | None:
+        """One receive pass with the queues' groups in place; re-created once on NOGROUP (data lost)."""
+
+        async def attempt() -> list[Delivery] | None:
             missing = [q for q in queues if q not in self._groups]
             if missing:
                 await self.ensure(missing)
-            try:
-                return await call()
-            except rex.ResponseError as exc:
-                if attempt or "NOGROUP" not in str(exc):
-                    raise self._error(op, exc) from exc
-                log.warning("redis consumer group missing on %s (server restarted empty?); re-creating", self._where)
-                self._groups.difference_update(queues)
-                self._cursors.clear()
-            except rex.RedisError as exc:
-                raise self._error(op, exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await self._pass(queues, limit, left)
 
-    @contextlib.contextmanager
-    def _mapped(self, op: str) -> Iterator[None]:
-        try:
-            yield
-        except rex.RedisError as exc:
-            raise self._error(op, exc) from exc
+        def forget() -> None:
+            self._groups.difference_update(queues)
+            self._cursors.clear()
 
-    def _error(self, op: str, exc: BaseException) -> BrokerError:
-        transient = isinstance(exc, _TRANSIENT) and not isinstance(exc, rex.AuthenticationError)
-        return BrokerError(f"redis {op} at {self._where} failed: {exc}", transient=transient)
+        return await retry_if_vanished(
+            "receive", attempt, errors=self.errors, vanished=_no_group, forget=forget, log=log, what="consumer group"
+        )
 
 
 _CLOSED = object()
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, _TRANSIENT) and not isinstance(exc, rex.AuthenticationError)
+
+
+def _no_group(exc: BaseException) -> bool:
+    """The consumer group is gone: the server restarted empty, or the stream was deleted."""
+    return isinstance(exc, rex.ResponseError) and "NOGROUP" in str(exc)
 
 
 def _s(value: bytes | str) -> str:
@@ -452,13 +438,6 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
         elif key not in ("protocol", "decode_responses"):  # the replies are parsed as RESP2 bytes
             keep.append((key, value))
     return urlunsplit(parts._replace(query=urlencode(keep))), ours
-
-
-def _int_option(options: dict[str, str], key: str, default: int) -> int:
-    try:
-        return int(options.get(key, default))
-    except ValueError:
-        raise ConfigurationError(f"redis broker URL option {key}={options[key]!r} is not an integer") from None
 
 
 def _mask(url: str) -> str:

@@ -6,10 +6,11 @@
   call, which hands out those with at least half their visibility left and releases the rest.
   Only ``close()`` cancels a poll mid-request: SQS would hide the messages of a cancelled poll
   until their visibility ran out. ``wait=0`` is one round trip of short polls.
-* extend / release: ``ChangeMessageVisibility``; ack: ``DeleteMessage``. Each delivery knows
-  when its visibility ends (a local, conservative clock); past that, ack and release are
-  no-ops and extend raises ``LeaseLostError``, because SQS (and moto even more) may accept a
-  stale receipt handle and delete or re-hide a delivery another worker now holds.
+* extend: ``ChangeMessageVisibility``; ack: ``DeleteMessage``; a buffered delivery handed
+  back (stale, or at close) gets visibility 0. Each delivery knows when its visibility ends
+  (a local, conservative clock); past that, ack and hand-back are no-ops and extend raises
+  ``LeaseLostError``, because SQS (and moto even more) may accept a stale receipt handle and
+  delete or re-hide a delivery another worker now holds.
 * a queue that vanished (``QueueDoesNotExist``: deleted, or an emulator restarted) is
   resolved again (and re-created when ``create`` is on) and the call retried once.
 
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -38,13 +40,17 @@ from botocore.exceptions import ConnectionError as SdkConnectionError
 
 from polyqueue._aio import gather_all
 from polyqueue.brokers.base import (
+    BrokerAdapter,
     BrokerConfig,
     Capabilities,
     Delivery,
+    ErrorMap,
     Message,
     decode_each,
     decode_message,
     encode_message,
+    read_options,
+    retry_if_vanished,
 )
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
@@ -95,7 +101,7 @@ class SqsOptions:
             raise ConfigurationError(f"sqs broker: prefix {self.prefix!r} may hold only letters, digits, - and _")
 
 
-class SqsBroker:
+class SqsBroker(BrokerAdapter):
     """Deliveries on Amazon SQS (``queue_backend="sqs"``).
 
     ``url`` is ``sqs://`` plus :class:`SqsOptions` in the query string, e.g.
@@ -113,10 +119,9 @@ class SqsBroker:
         self.lease_seconds = lease_seconds
         self._visibility = math.ceil(lease_seconds)  # SQS counts visibility in whole seconds
         dead_letter = self.options.dead_letter_after > 0
-        self.capabilities = Capabilities(
-            lease=True, delayed_release=True, survives_restart=True, dead_letter=dead_letter
-        )
+        self.capabilities = Capabilities(lease=True, survives_restart=True, dead_letter=dead_letter)
         self._where = self.options.endpoint_url or f"region {self.options.region or '(from the AWS config)'}"
+        self.errors = ErrorMap("sqs", self._where, _SDK_ERRORS, _transient, _detail)
         self._sqs: Any = None  # the aiobotocore client (untyped), created in the running loop
         self._lock = asyncio.Lock()  # creating the client; resolving queue URLs (a first publish sends many)
         self._urls: dict[str, str] = {}  # queue → queue URL
@@ -209,10 +214,9 @@ class SqsBroker:
         chunks = [(url, [*ds.values()][i : i + BATCH]) for url, ds in by_url.items() for i in range(0, len(ds), BATCH)]
         await gather_all(*(self._delete(url, chunk) for url, chunk in chunks))
 
-    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
-        """``ChangeMessageVisibility`` to ``delay`` (0: visible now; at most 12 hours after the first receive)."""
-        delay_s = min(MAX_VISIBILITY, max(0, math.ceil(delay)))
-        if not await self._on_receipt("release", delivery, "change_message_visibility", VisibilityTimeout=delay_s):
+    async def release(self, delivery: Delivery) -> None:
+        """Not part of the contract: hand a buffered delivery back (``ChangeMessageVisibility`` to 0)."""
+        if not await self._on_receipt("release", delivery, "change_message_visibility", VisibilityTimeout=0):
             log.info("release of sqs delivery of job %s skipped: no longer ours", delivery.job_id)
         delivery.extra["lease_until"] = 0.0
 
@@ -250,7 +254,7 @@ class SqsBroker:
                     retries=retries, connect_timeout=5, read_timeout=LONG_POLL + 10, max_pool_connections=100
                 )
                 o, keys = self.options, {"aws_access_key_id": self._key_id, "aws_secret_access_key": self._secret}
-                with self._mapped("connect"):
+                with self.errors.mapped("connect"):
                     creator = AioSession().create_client(
                         "sqs", o.region, endpoint_url=o.endpoint_url, config=config, **keys
                     )
@@ -268,13 +272,11 @@ class SqsBroker:
                 return self._urls[queue]
             try:
                 url: str = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
-            except ClientError as exc:
-                if _code(exc) not in _MISSING or not self.options.create:
-                    raise self._error(f"resolve of queue {name!r}", exc) from exc
-                with self._mapped(f"create of queue {name!r}"):
-                    url = await self._create(sqs, queue, name)
             except _SDK_ERRORS as exc:
-                raise self._error(f"resolve of queue {name!r}", exc) from exc
+                if not _vanished(exc) or not self.options.create:
+                    raise self.errors.error(f"resolve of queue {name!r}", exc) from exc
+                with self.errors.mapped(f"create of queue {name!r}"):
+                    url = await self._create(sqs, queue, name)
             self._urls[queue] = url
             return url
 
@@ -296,18 +298,16 @@ class SqsBroker:
 
     async def _on_queue(self, queue: str, op: str, call: Callable[[Any, str], Awaitable[T]]) -> T:
         """Run ``call(client, queue_url)``; on ``QueueDoesNotExist`` resolve the queue again and retry once."""
-        for attempt in (0, 1):
+
+        async def attempt() -> T:
             url = await self._url(queue)
-            try:
-                return await call(await self._client(), url)
-            except ClientError as exc:
-                if attempt or _code(exc) not in _MISSING:
-                    raise self._error(op, exc) from exc
-                log.warning("sqs queue %s vanished at %s; resolving it again", self.queue_name(queue), self._where)
-                self._urls.pop(queue, None)
-            except _SDK_ERRORS as exc:
-                raise self._error(op, exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await call(await self._client(), url)
+
+        what = f"queue {self.queue_name(queue)}"
+        forget = functools.partial(self._urls.pop, queue, None)
+        return await retry_if_vanished(
+            op, attempt, errors=self.errors, vanished=_vanished, forget=forget, log=log, what=what
+        )
 
     async def _send(self, queue: str, chunk: list[Message], token: str) -> None:
         """Send up to 10 messages; ``BrokerError`` naming the jobs of the entries that failed."""
@@ -435,28 +435,24 @@ class SqsBroker:
         if delivery.handle is None or asyncio.get_running_loop().time() >= delivery.extra.get("lease_until", 0.0):
             return False
         queue_url, receipt = delivery.handle
+        sqs = await self._client()
         try:
-            sqs = await self._client()
             await getattr(sqs, method)(QueueUrl=queue_url, ReceiptHandle=receipt, **params)
-        except ClientError as exc:
-            if _code(exc) in _LOST:
-                return False
-            raise self._error(op, exc) from exc
         except _SDK_ERRORS as exc:
-            raise self._error(op, exc) from exc
+            if isinstance(exc, ClientError) and _code(exc) in _LOST:
+                return False
+            raise self.errors.error(op, exc) from exc
         return True
 
     async def _delete(self, queue_url: str, chunk: list[Delivery]) -> None:
         entries = [{"Id": str(i), "ReceiptHandle": d.handle[1]} for i, d in enumerate(chunk)]
+        sqs = await self._client()
         try:
-            sqs = await self._client()
             reply = await sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
-        except ClientError as exc:
-            if _code(exc) not in _MISSING:  # a queue that is gone has nothing left to delete
-                raise self._error("ack", exc) from exc
-            reply = {}
         except _SDK_ERRORS as exc:
-            raise self._error("ack", exc) from exc
+            if not _vanished(exc):  # a queue that is gone has nothing left to delete
+                raise self.errors.error("ack", exc) from exc
+            reply = {}
         for d in chunk:
             d.extra["lease_until"] = 0.0
         for f in reply.get("Failed", []):  # a stale handle, mostly: the delivery comes back, the claim drops it
@@ -467,23 +463,24 @@ class SqsBroker:
             raise BrokerError(f"{base!r} is not a valid SQS queue name (letters, digits, - and _)", transient=False)
         return base + ".fifo" if self.options.fifo else base
 
-    @contextlib.contextmanager
-    def _mapped(self, op: str) -> Iterator[None]:
-        try:
-            yield
-        except _SDK_ERRORS as exc:
-            raise self._error(op, exc) from exc
 
-    def _error(self, op: str, exc: BaseException) -> BrokerError:
-        """The ``BrokerError`` for an SDK error: transient for throttling, 5xx and the network."""
-        if isinstance(exc, ClientError):
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            transient = _code(exc) in _TRANSIENT or status >= 500
-            detail = f"{_code(exc)}: {exc.response.get('Error', {}).get('Message', '')}"
-        else:  # connection refused/reset, timeouts: transient; no credentials or region, bad parameters: not
-            transient = isinstance(exc, _NETWORK_ERRORS)
-            detail = f"{type(exc).__name__}: {exc}"
-        return BrokerError(f"sqs {op} at {self._where} failed: {detail}", transient=transient)
+def _transient(exc: BaseException) -> bool:
+    """Throttling, 5xx and the network; not missing credentials or region, nor bad parameters."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return _code(exc) in _TRANSIENT or status >= 500
+    return isinstance(exc, _NETWORK_ERRORS)
+
+
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return f"{_code(exc)}: {exc.response.get('Error', {}).get('Message', '')}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _vanished(exc: BaseException) -> bool:
+    """``QueueDoesNotExist``: deleted, or an emulator restarted empty."""
+    return isinstance(exc, ClientError) and _code(exc) in _MISSING
 
 
 def _code(exc: ClientError) -> str:
@@ -502,25 +499,9 @@ def _parse_url(url: str) -> tuple[SqsOptions, str | None, str | None]:
     if (parts.username is None) != (parts.password is None):
         raise ConfigurationError("sqs broker URL: give both the access key id and the secret (sqs://ID:SECRET@?...)")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    known = {f.name: f for f in fields(SqsOptions)}
-    if unknown := sorted(set(query) - set(known)):
-        raise ConfigurationError(f"sqs broker URL: unknown options {unknown}; known: {', '.join(known)}")
-    values: dict[str, Any] = {}
-    for key, raw in query.items():
-        kind = type(known[key].default)
-        if kind is bool and raw.lower() in _BOOLEANS:
-            values[key] = _BOOLEANS[raw.lower()]
-        elif kind is int and raw.lstrip("-").isdigit():
-            values[key] = int(raw)
-        elif kind not in (bool, int):
-            values[key] = raw
-        else:
-            raise ConfigurationError(f"sqs broker URL option {key}={raw!r} is not a {kind.__name__}")
+    values = read_options("sqs", query, {f.name: f.default for f in fields(SqsOptions)})
     key_id, secret = (unquote(parts.username), unquote(parts.password or "")) if parts.username else (None, None)
     return SqsOptions(**values), key_id, secret
-
-
-_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def create(config: BrokerConfig) -> SqsBroker:

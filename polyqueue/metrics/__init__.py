@@ -55,6 +55,11 @@ class MetricsHook(Protocol):
         """A worker's event loop was blocked this long (a handler ran blocking code); every job
         of that worker waited meanwhile."""
 
+    def broker_call(self, operation: str, backend: str, seconds: float, ok: bool) -> None:
+        """One call on the broker (``ensure``, ``publish``, ``publish_in``, ``receive``, ``extend``,
+        ``ack``, ``ack_many``, ``close``) took ``seconds``; ``ok`` is False when it raised. A
+        ``receive`` includes its wait for messages."""
+
     def inject_meta(self, meta: dict[str, Any]) -> None:
         """Add to a job's ``meta`` before insert (e.g. the enqueuing span's ``traceparent``)."""
 
@@ -112,6 +117,10 @@ class GuardedMetrics:
     def loop_blocked(self, seconds: float) -> None:
         """Forward to the hook (guarded)."""
         self._call("loop_blocked", seconds)
+
+    def broker_call(self, operation: str, backend: str, seconds: float, ok: bool) -> None:
+        """Forward to the hook (guarded)."""
+        self._call("broker_call", operation, backend, seconds, ok)
 
     def inject_meta(self, meta: dict[str, Any]) -> None:
         """Forward to the hook (guarded)."""

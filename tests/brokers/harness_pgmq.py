@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue.brokers.base import Broker
+from polyqueue.brokers.facade import BrokerFacade
 from polyqueue.brokers.pgmq import PgmqBroker
 from polyqueue.db import make_engine
 from polyqueue.pgmq_install import install_pgmq
@@ -68,7 +69,7 @@ async def pgmq_harness(url: URL, *, private: bool = False) -> AsyncIterator[Harn
     async def make(*, lease_seconds: float = 30.0, dead_letter_after: int = 20) -> Broker:
         broker = PgmqBroker(url, lease_seconds=lease_seconds, queue_prefix=prefix, poll_interval=0.05)
         brokers.append(broker)
-        return broker
+        return BrokerFacade(broker)  # what the runtime holds: make_broker's shape
 
     async def inject(queue: str, body: bytes | None) -> None:
         name = prefix + queue

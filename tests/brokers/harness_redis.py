@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from polyqueue.brokers.base import Broker
+from polyqueue.brokers.facade import BrokerFacade
 from polyqueue.brokers.redis import RedisBroker
 from tests.brokers.harness import Adapter, Harness
 from tests.redis_service import RedisServer, configured_url, redis_server_exe
@@ -26,7 +27,7 @@ async def redis_harness(url: str, server: RedisServer | None = None) -> AsyncIte
     async def make(*, lease_seconds: float = 30.0, dead_letter_after: int = 20) -> Broker:
         broker = RedisBroker(url, key_prefix=prefix, lease_seconds=lease_seconds, dead_letter_after=dead_letter_after)
         brokers.append(broker)
-        return broker
+        return BrokerFacade(broker)  # what the runtime holds: make_broker's shape
 
     async def inject(queue: str, body: bytes | None) -> None:
         await raw.xadd(f"{prefix}:{queue}", {"body": body} if body is not None else {"junk": b"\xff\x00"})

@@ -16,6 +16,7 @@ from azure.servicebus import ServiceBusMessage, ServiceBusSubQueue
 from azure.servicebus.aio import ServiceBusClient
 
 from polyqueue.brokers.base import Broker
+from polyqueue.brokers.facade import BrokerFacade
 from polyqueue.brokers.servicebus import ServiceBusBroker
 from tests.brokers.harness import Adapter, Harness
 from tests.servicebus_peer.peer import ServiceBusPeer
@@ -32,7 +33,7 @@ async def servicebus_harness(peer: ServiceBusPeer, own: bool = False) -> AsyncIt
         peer.configure(prefix, lock_duration=lease_seconds, max_delivery_count=dead_letter_after)
         broker = ServiceBusBroker(conn, lease_seconds=lease_seconds, queue_prefix=prefix)
         brokers.append(broker)
-        return broker
+        return BrokerFacade(broker)  # what the runtime holds: make_broker's shape
 
     async def inject(queue: str, body: bytes | None) -> None:
         async with raw.get_queue_sender(prefix + queue) as sender:

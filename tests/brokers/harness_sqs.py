@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from polyqueue.brokers.base import Broker
+from polyqueue.brokers.facade import BrokerFacade
 from polyqueue.brokers.sqs import SqsBroker
 from tests.brokers.harness import Adapter, Harness
 from tests.moto_service import MotoServer, SqsService, TcpProxy, configured_service, moto_available
@@ -38,7 +39,7 @@ async def sqs_harness(
         url = service.broker_url(prefix=prefix, dead_letter_after=dead_letter_after, max_attempts=attempts)
         broker = SqsBroker(url, lease_seconds=lease_seconds)
         brokers.append(broker)
-        return broker
+        return BrokerFacade(broker)  # what the runtime holds: make_broker's shape
 
     async with service.client() as raw:
 

@@ -1,0 +1,139 @@
+"""The broker facade (``polyqueue.brokers.facade``) on real brokers: every call is timed into the
+metrics hook and traced, whatever an adapter raises comes out as ``BrokerError`` with the right
+transient flag (``LeaseLostError`` unchanged), and ``close()`` never raises."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from polyqueue import Polyqueue
+from polyqueue.brokers import BrokerFacade, make_broker
+from polyqueue.brokers.base import Message
+from polyqueue.brokers.memory import MemoryBroker
+from polyqueue.brokers.redis import RedisBroker
+from polyqueue.errors import BrokerError, LeaseLostError
+from tests.redis_service import RedisServer
+
+Q = "default"
+
+
+class Recorder:
+    """A metrics hook that keeps every ``broker_call``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float, bool]] = []
+
+    def broker_call(self, operation: str, backend: str, seconds: float, ok: bool) -> None:
+        self.calls.append((operation, backend, seconds, ok))
+
+
+def _redis(url: str, recorder: Recorder, lease_seconds: float = 5.0) -> BrokerFacade:
+    settings = Polyqueue(queue_backend="redis", broker_url=url, lease_seconds=lease_seconds).settings
+    broker = make_broker(settings, metrics=recorder)
+    assert isinstance(broker, BrokerFacade) and isinstance(broker.adapter, RedisBroker)
+    return broker
+
+
+async def test_every_call_is_timed_into_the_metrics_hook_and_traced(redis_server: RedisServer) -> None:
+    recorder = Recorder()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    adapter = _redis(redis_server.url, recorder).adapter
+    broker = BrokerFacade(adapter, metrics=recorder, tracer_provider=provider)
+    msg = Message(uuid.uuid4(), Q)
+    await broker.ensure([Q])
+    await broker.publish([msg])
+    [d] = await broker.receive([Q], 10, 2.0)
+    assert d.job_id == msg.job_id
+    await broker.extend(d, 5.0)
+    await broker.ack_many([d])
+    await broker.close()
+    ops = ["ensure", "publish", "receive", "extend", "ack_many", "close"]
+    assert [(op, backend, ok) for op, backend, _, ok in recorder.calls] == [(op, "redis", True) for op in ops]
+    assert all(0 <= seconds < 5 for *_, seconds, _ in recorder.calls)
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == [f"polyqueue.broker {op}" for op in ops]
+    assert all(s.kind == SpanKind.CLIENT and s.attributes["messaging.system"] == "redis" for s in spans)
+
+
+async def test_a_broker_that_went_away_is_a_transient_broker_error(redis_server: RedisServer) -> None:
+    recorder = Recorder()
+    broker = _redis(redis_server.url, recorder, lease_seconds=5.0)
+    try:
+        await broker.publish([Message(uuid.uuid4(), Q)])
+        [d] = await broker.receive([Q], 10, 2.0)
+        await broker.ack(d)
+        with pytest.raises(LeaseLostError):  # polyqueue's own errors pass unchanged
+            await broker.extend(d, 5.0)
+        await redis_server.stop()
+        with pytest.raises(BrokerError) as raised:
+            await broker.publish([Message(uuid.uuid4(), Q)])
+        assert raised.value.is_transient() and not isinstance(raised.value, LeaseLostError)
+        assert [(op, ok) for op, _, _, ok in recorder.calls[-2:]] == [("extend", False), ("publish", False)]
+    finally:
+        await broker.close()  # the server is gone: logged, never raised
+    assert recorder.calls[-1][0] == "close"
+
+
+async def test_a_refused_login_is_not_transient(redis_server: RedisServer) -> None:
+    url = redis_server.url.replace("redis://", "redis://:wrong-password@", 1)  # the server has no password
+    broker = _redis(url, Recorder())
+    try:
+        with pytest.raises(BrokerError) as raised:
+            await broker.ensure([Q])
+        assert not raised.value.is_transient()
+        assert "wrong-password" not in str(raised.value)
+    finally:
+        await broker.close()
+
+
+async def test_what_an_adapter_lets_escape_is_mapped_by_the_facade() -> None:
+    """The in-process broker maps nothing itself: the facade turns its failures into BrokerError."""
+    recorder = Recorder()
+    broker = BrokerFacade(MemoryBroker(), metrics=recorder)
+    try:
+        with pytest.raises(BrokerError) as raised:
+            await broker.receive(None, 10, 0.0)  # type: ignore[arg-type]  # the adapter's TypeError
+        assert isinstance(raised.value.__cause__, TypeError) and not raised.value.is_transient()
+        assert "memory receive" in str(raised.value)
+        with pytest.raises(BrokerError) as refused:  # the capability decides: no transactional publish here
+            await broker.publish_in(None, [Message(uuid.uuid4(), Q)])  # type: ignore[arg-type]
+        assert not broker.capabilities.transactional_publish and not refused.value.is_transient()
+        assert [(op, ok) for op, _, _, ok in recorder.calls] == [("receive", False), ("publish_in", False)]
+    finally:
+        await broker.close()
+
+
+async def test_a_failing_metrics_hook_never_fails_a_broker_call(redis_server: RedisServer) -> None:
+    class Broken:
+        def broker_call(self, *args: object) -> None:
+            raise RuntimeError("hook bug")
+
+    adapter = _redis(redis_server.url, Recorder()).adapter
+    broker = BrokerFacade(adapter, metrics=Broken())
+    try:
+        await broker.publish([Message(uuid.uuid4(), Q)])
+        assert len(await broker.receive([Q], 10, 2.0)) == 1
+    finally:
+        await broker.close()
+
+
+def test_a_span_records_the_error_of_a_failed_call() -> None:
+    """Only the span's status: no broker needed beyond the in-process one."""
+    import asyncio
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    broker = BrokerFacade(MemoryBroker(), tracer_provider=provider)
+    with pytest.raises(BrokerError):
+        asyncio.run(broker.receive(None, 1, 0.0))  # type: ignore[arg-type]
+    [span] = exporter.get_finished_spans()
+    assert span.status.status_code == StatusCode.ERROR
