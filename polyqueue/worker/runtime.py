@@ -342,8 +342,7 @@ class Worker:
         async def heartbeat() -> None:
             async with self.engine.begin() as conn:
                 await job_progress(conn, job.worker_id, job.id, job.attempt)
-            if claim.delivery is not None and self.broker is not None:
-                await self.broker.extend(claim.delivery, self.settings.lease_seconds)
+            await self.source.extend(claim)  # the broker lease, where the job came with one
 
         with self.metrics.job_span(job.task, job.queue, str(job.id), job.attempt, job.meta):
             ctx: JobContext | None = None

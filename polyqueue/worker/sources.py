@@ -46,6 +46,8 @@ class JobSource(Protocol):
 
     def keepalive(self, claim: Claim) -> contextlib.AbstractAsyncContextManager[None]: ...
 
+    async def extend(self, claim: Claim) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -92,6 +94,9 @@ class DirectSource:
     async def keepalive(self, claim: Claim) -> AsyncIterator[None]:
         yield
 
+    async def extend(self, claim: Claim) -> None:
+        return None  # no delivery, no lease: the job's row is all there is
+
     async def close(self) -> None:
         self._listener.unsubscribe(NEW_JOB_CHANNEL, self._on_notify)
         await self._conn.close()
@@ -114,7 +119,7 @@ class BrokerSource:
         self._queues = list(queues)
         self._lease = lease_seconds
         # Acks are sent in batches by one task: a finished job need not wait for its ack,
-        # and ack_many (where the adapter has it) sends a batch in one round trip.
+        # and ack_many sends a batch in as few round trips as the broker allows.
         self._acks: list[Delivery] = []
         self._ack_wakeup = asyncio.Event()
         self._ack_task: asyncio.Task[None] | None = None
@@ -164,13 +169,8 @@ class BrokerSource:
         batch, self._acks = self._acks, []
         if not batch:
             return
-        ack_many = getattr(self._broker, "ack_many", None)
         try:
-            if ack_many is not None:
-                await ack_many(batch)
-            else:
-                for d in batch:
-                    await self._broker.ack(d)
+            await self._broker.ack_many(batch)
         except BrokerError as exc:  # the broker redelivers them later; the claim then drops them
             log.warning("acking %d deliveries failed: %s", len(batch), exc)
 
@@ -195,7 +195,7 @@ class BrokerSource:
             while True:
                 await asyncio.sleep(self._lease / 3)
                 try:
-                    await self._broker.extend(delivery, self._lease)
+                    await self.extend(claim)
                 except LeaseLostError:
                     log.warning("lease of job %s lost; Postgres ownership still guards its completion", delivery.job_id)
                     return
@@ -209,6 +209,12 @@ class BrokerSource:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def extend(self, claim: Claim) -> None:
+        """Extend the claim's lease by ``lease_seconds`` now (the keepalive loop, a handler's
+        heartbeat); ``LeaseLostError`` or ``BrokerError`` as the broker raises them."""
+        if claim.delivery is not None:
+            await self._broker.extend(claim.delivery, self._lease)
 
     async def close(self) -> None:
         if self._ack_task is not None:
