@@ -17,6 +17,7 @@ and the message codec. Adapters import only this module, ``polyqueue.types``,
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import json
 import logging
@@ -38,11 +39,14 @@ __all__ = [
     "Delivery",
     "ErrorMap",
     "Message",
+    "by_queue",
     "decode_each",
     "decode_message",
     "encode_message",
     "read_options",
     "retry_if_vanished",
+    "unless_closed",
+    "wait_or_closed",
 ]
 
 T = TypeVar("T")
@@ -240,6 +244,48 @@ async def retry_if_vanished(
         forget()
     with errors.mapped(op):
         return await call()
+
+
+M = TypeVar("M", Message, Delivery)
+
+
+def by_queue(items: Iterable[M]) -> dict[str, list[M]]:
+    """Messages or deliveries grouped by queue, in their order (brokers send and settle per queue)."""
+    out: dict[str, list[M]] = {}
+    for item in items:
+        out.setdefault(item.queue, []).append(item)
+    return out
+
+
+class Closed:
+    """What :func:`unless_closed` returns when the broker closed first (see ``CLOSED``)."""
+
+
+CLOSED = Closed()
+
+
+async def wait_or_closed(closing: asyncio.Event, tasks: Iterable[asyncio.Future[Any]], timeout: float | None) -> None:
+    """Until one of ``tasks`` finishes, ``timeout`` seconds pass or ``closing`` is set; the tasks go on."""
+    closed = asyncio.ensure_future(closing.wait())
+    try:
+        await asyncio.wait({*tasks, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closed.cancel()
+        await asyncio.gather(closed, return_exceptions=True)
+
+
+async def unless_closed(call: Awaitable[T], closing: asyncio.Event) -> T | Closed:
+    """``call``'s result (or exception), unless ``closing`` is set first: ``call`` is then cancelled
+    and ``CLOSED`` returned. How a receive blocked in an SDK returns when ``close()`` is called."""
+    work = asyncio.ensure_future(call)
+    try:
+        await wait_or_closed(closing, [work], None)
+    finally:
+        if not work.done():  # closed first, or this call was cancelled
+            work.cancel()
+        # Always collected: a failure that races a cancel is never left "never retrieved".
+        await asyncio.gather(work, return_exceptions=True)
+    return CLOSED if work.cancelled() else work.result()
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}

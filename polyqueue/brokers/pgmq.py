@@ -42,6 +42,7 @@ from polyqueue.brokers.base import (
     Delivery,
     ErrorMap,
     Message,
+    by_queue,
     decode_each,
     decode_message,
     encode_message,
@@ -239,15 +240,12 @@ class PgmqBroker(BrokerAdapter):
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """``ack`` for a batch: one fenced ``pgmq.delete`` (or ``archive``) per queue, in one transaction."""
-        by_queue: dict[str, list[Delivery]] = {}
-        for d in deliveries:
-            if d.handle is not None and d.extra.get("read_ct") is not None:
-                by_queue.setdefault(d.queue, []).append(d)
+        ours = by_queue(d for d in deliveries if d.handle is not None and d.extra.get("read_ct") is not None)
         action, acked = ("archive" if self.archive else "delete"), 0
         with self._tracked():
             try:
                 async with self._engine.begin() as conn:
-                    for q, batch in sorted(by_queue.items()):
+                    for q, batch in sorted(ours.items()):
                         name = self.pgmq_name(q)
                         sql = _statement(_FENCE_MANY.format(name=name, action=action))
                         params = {
@@ -276,10 +274,8 @@ class PgmqBroker(BrokerAdapter):
 
     # -- internals -------------------------------------------------------------------------------
     async def _send(self, conn: AsyncConnection, messages: Sequence[Message]) -> None:
-        by_queue: dict[str, list[str]] = {}
-        for m in messages:
-            by_queue.setdefault(m.queue, []).append(encode_message(m).decode())
-        for q, bodies in sorted(by_queue.items()):
+        for q, batch in sorted(by_queue(messages).items()):
+            bodies = [encode_message(m).decode() for m in batch]
             await conn.execute(_SEND, {"q": self.pgmq_name(q), "msgs": bodies})  # inserts all or raises
 
     async def _read(self, queues: Sequence[str], limit: int) -> list[Delivery]:

@@ -2,7 +2,7 @@
 
 Keys (``P`` = ``key_prefix``, ``Q`` = queue): ``P:Q`` the stream, ``P:Q:dead`` the
 dead-letter stream. Every step that must check and change state together is one Lua
-script, so it is atomic on the server:
+script (:mod:`polyqueue.brokers.redis_scripts`), so it is atomic on the server:
 
 * receive: ``XAUTOCLAIM`` entries idle past the lease (crash recovery; dead-letter
   those delivered too often), then a blocking ``XREADGROUP >`` over all the queues'
@@ -26,11 +26,12 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from polyqueue.brokers.base import (
+    CLOSED,
     BrokerAdapter,
     BrokerConfig,
     Capabilities,
@@ -42,7 +43,9 @@ from polyqueue.brokers.base import (
     encode_message,
     read_options,
     retry_if_vanished,
+    unless_closed,
 )
+from polyqueue.brokers.redis_scripts import PRELUDE, SCRIPTS
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
 
 #: The oldest redis-py this adapter runs on (``ExponentialWithJitterBackoff`` came with 6.0);
@@ -70,8 +73,6 @@ __all__ = ["RedisBroker"]
 
 log = logging.getLogger("polyqueue.brokers.redis")
 
-T = TypeVar("T")
-
 #: Options read from the URL's query string (removed before redis-py sees the URL).
 URL_OPTIONS = ("group", "consumer", "maxlen", "dead_letter_after", "key_prefix")
 #: Longest single ``XREADGROUP BLOCK``: stays under redis-py's socket timeout (5 s by
@@ -79,69 +80,6 @@ URL_OPTIONS = ("group", "consumer", "maxlen", "dead_letter_after", "key_prefix")
 MAX_BLOCK_SECONDS = 2.0
 
 _TRANSIENT = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.TryAgainError, rex.ClusterDownError)
-
-# Shared by every script. KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id.
-_PRELUDE = """
-local function owned()
-  local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-  return type(p) == 'table' and p.err == nil and #p > 0 and p[1][2] == ARGV[2]
-end
-"""
-_SCRIPTS = {
-    # ARGV[4] idle ms to set: the lease then ends ``lease - idle`` ms from now.
-    "extend": """
-if not owned() then return 0 end
-return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
-""",
-    "ack": """
-if not owned() then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
-""",
-    # ARGV[4] body, ARGV[5] maxlen: a fresh entry at the tail, the old one gone.
-    "release": """
-if not owned() then return 0 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'body', ARGV[4])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
-""",
-    # KEYS: stream, dead. ARGV: group, consumer, min idle ms, cursor, count, dead_letter_after, maxlen.
-    # Returns {next cursor, {{id, fields, deliveries}...}, {dead-lettered ids}}.
-    "take": """
--- 3 elements since Redis 7 (with deleted ids), 2 on 6.2; only the first two are used
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local live, dead = {}, {}
-for _, e in ipairs(r[2]) do
-  if type(e) == 'table' and type(e[2]) == 'table' then  -- 6.2 returns nil for a deleted entry
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
-    local n = 1
-    if #p > 0 then n = p[1][4] end
-    if n > tonumber(ARGV[6]) then
-      local f = {}
-      for i, v in ipairs(e[2]) do f[i] = v end
-      for _, v in ipairs({'source_id', e[1], 'deliveries', n}) do f[#f + 1] = v end
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(f))
-      redis.call('XACK', KEYS[1], ARGV[1], e[1])
-      redis.call('XDEL', KEYS[1], e[1])
-      dead[#dead + 1] = e[1]
-    else
-      live[#live + 1] = {e[1], e[2], n}
-    end
-  end
-end
-return {r[1], live, dead}
-""",
-    # On close, forget this consumer, but only while it holds no pending entry (DELCONSUMER drops them).
-    "forget": """
-local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if type(p) == 'table' and p.err == nil and #p == 0 then
-  redis.pcall('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
-return 0
-""",
-}
 
 
 class RedisBroker(BrokerAdapter):
@@ -189,7 +127,7 @@ class RedisBroker(BrokerAdapter):
         self.errors = ErrorMap("redis", where, (rex.RedisError,), _transient)
         timeout = self._redis.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block = min(MAX_BLOCK_SECONDS, lease_seconds / 2, float(timeout or 5.0) / 2)
-        self._scripts = {name: self._redis.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
+        self._scripts = {name: self._redis.register_script(PRELUDE + src) for name, src in SCRIPTS.items()}
         self._groups: set[str] = set()  # queues whose group this broker created or found
         self._cursors: dict[str, bytes] = {}  # XAUTOCLAIM scan position per queue
         self._closing = asyncio.Event()
@@ -323,8 +261,8 @@ class RedisBroker(BrokerAdapter):
         by_key = {self.stream(q).encode(): q for q in queues}
         ms = None if block is None or block <= 0 else max(1, round(block * 1000))
         call = self._redis.xreadgroup(self.group, self.consumer, dict.fromkeys(by_key, ">"), count=count, block=ms)
-        reply: Any = await (call if ms is None else self._unless_closed(call))
-        if reply is _CLOSED:
+        reply: Any = await (call if ms is None else unless_closed(call, self._closing))
+        if reply is CLOSED:
             return None
         out: list[Delivery] = []
         for key, entries in reply or []:
@@ -333,18 +271,6 @@ class RedisBroker(BrokerAdapter):
             build = functools.partial(self._entry_delivery, queue)
             out += decode_each(queue, live, build, handle=lambda e: _s(e[0]))
         return out
-
-    async def _unless_closed(self, call: Awaitable[T]) -> T | object:
-        """Await ``call`` unless ``close()`` comes first (then cancel it: redis-py drops that connection)."""
-        work = asyncio.ensure_future(call)
-        closed = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (work, closed):
-                t.cancel()
-            await asyncio.gather(work, closed, return_exceptions=True)
-        return _CLOSED if work.cancelled() else work.result()
 
     def _claimed_delivery(self, queue: str, entry: Any) -> Delivery:
         """A reclaimed entry of the ``take`` script: ``(id, flat fields, deliveries)``."""
@@ -398,9 +324,6 @@ class RedisBroker(BrokerAdapter):
         return await retry_if_vanished(
             "receive", attempt, errors=self.errors, vanished=_no_group, forget=forget, log=log, what="consumer group"
         )
-
-
-_CLOSED = object()
 
 
 def _transient(exc: BaseException) -> bool:

@@ -34,14 +34,18 @@ from azure.servicebus.exceptions import MessageSizeExceededError
 
 from polyqueue._aio import gather_all
 from polyqueue.brokers.base import (
+    CLOSED,
     BrokerAdapter,
     BrokerConfig,
     Capabilities,
+    Closed,
     Delivery,
     Message,
+    by_queue,
     decode_each,
     decode_message,
     encode_message,
+    unless_closed,
 )
 from polyqueue.brokers.servicebus_links import LOCK_GONE, Link, LinkGone, ServiceBusLinks
 from polyqueue.errors import BrokerError, ConfigurationError, LeaseLostError
@@ -89,10 +93,7 @@ class ServiceBusBroker(ServiceBusLinks, BrokerAdapter):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         """Send each queue's messages in as few ``ServiceBusMessageBatch`` transfers as fit."""
-        by_queue: dict[str, list[Message]] = {}
-        for m in messages:
-            by_queue.setdefault(m.queue, []).append(m)
-        for q, group in by_queue.items():
+        for q, group in by_queue(messages).items():
             link = await self._sender(q)
             async with self._call("publish", q, link) as sender:
                 batch = await sender.create_message_batch()
@@ -116,23 +117,19 @@ class ServiceBusBroker(ServiceBusLinks, BrokerAdapter):
             return out
         wait = min(max(wait, MIN_RECEIVE_WAIT), MAX_RECEIVE_WAIT)
         calls = [self._receive_one(q, max_messages, wait) for q in queues]
-        work = asyncio.ensure_future(asyncio.gather(*calls))
-        closed = asyncio.ensure_future(self._closing.wait())
         try:
-            await asyncio.wait((work, closed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not work.done():  # close() came first (or this call was cancelled)
-                work.cancel()
-            # Always collected: a failure that races a cancel is never left "never retrieved".
-            await asyncio.gather(work, return_exceptions=True)
-        if work.cancelled() or self._closing.is_set():
+            got = await unless_closed(asyncio.gather(*calls), self._closing)
+        except Exception:
+            if not self._closing.is_set():
+                raise
+            got = CLOSED
+        if isinstance(got, Closed) or self._closing.is_set():
             # Closed meanwhile. The close may have failed the work before the cancel reached it (a
             # handler still opening, closed under the SDK: 'NoneType' ... 'create_receiver_link'):
             # that is the close, not an error. Deliveries that came anyway are left to their locks.
             return []
-        for got in work.result():
-            out += got
+        for each in got:
+            out += each
         self._buffer += out[max_messages:]  # several queues answered: keep the surplus, locked, for next time
         return out[:max_messages]
 
