@@ -7,6 +7,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -137,3 +139,29 @@ def test_a_span_records_the_error_of_a_failed_call() -> None:
         asyncio.run(broker.receive(None, 1, 0.0))  # type: ignore[arg-type]
     [span] = exporter.get_finished_spans()
     assert span.status.status_code == StatusCode.ERROR
+
+
+async def test_the_ready_made_hooks_record_broker_calls() -> None:
+    """Prometheus and OpenTelemetry get ``broker_call`` as a histogram by operation, backend and outcome."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from polyqueue.metrics.otel import OtelMetrics
+    from polyqueue.metrics.prometheus import PrometheusMetrics
+
+    registry = CollectorRegistry()
+    reader = InMemoryMetricReader()
+    for hook in (PrometheusMetrics(registry), OtelMetrics(MeterProvider(metric_readers=[reader]))):
+        broker = make_broker(Polyqueue(queue_backend="none").settings, metrics=hook)
+        assert broker is not None
+        await broker.publish([Message(uuid.uuid4(), Q)])
+        with pytest.raises(BrokerError):
+            await broker.receive(None, 10, 0.0)  # type: ignore[arg-type]
+        await broker.close()
+    body = generate_latest(registry).decode()
+    assert 'polyqueue_broker_call_seconds_count{backend="memory",ok="true",operation="publish"} 1.0' in body
+    assert 'polyqueue_broker_call_seconds_count{backend="memory",ok="false",operation="receive"} 1.0' in body
+    data = reader.get_metrics_data()
+    assert data is not None
+    [calls] = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if "broker" in m.name]
+    seen = {(p.attributes["messaging.operation.name"], p.attributes["polyqueue.ok"]) for p in calls.data.data_points}
+    assert seen == {("publish", True), ("receive", False), ("close", True)}

@@ -133,6 +133,11 @@ class CloudWatchMetrics:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self._add("EventLoopBlocked", "Seconds", seconds)
 
+    def broker_call(self, operation: str, backend: str, seconds: float, ok: bool) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
+        outcome = "ok" if ok else "error"
+        self._add("BrokerCall", "Seconds", seconds, Operation=operation, Backend=backend, Outcome=outcome)
+
     # -- sending --------------------------------------------------------------------------------
     async def start(self) -> None:
         """Create the CloudWatch client and start the flush task (call in the running loop)."""

@@ -51,6 +51,9 @@ class OtelMetrics:
         self.queue_wait = meter.create_histogram("polyqueue.job.queue_wait", "s", "Seconds from due to started.")
         self.run_time = meter.create_histogram("polyqueue.job.run_time", "s", "Seconds an attempt ran.")
         self.depth = meter.create_gauge("polyqueue.queue.depth", "{job}", "Live jobs by queue and status.")
+        self.broker_call_time = meter.create_histogram(
+            "polyqueue.broker.call_time", "s", "Seconds a call on the broker took (a receive's wait included)."
+        )
         self.loop_blocked_time = meter.create_histogram(
             "polyqueue.worker.loop_blocked", "s", "Seconds a worker's event loop was blocked."
         )
@@ -100,6 +103,15 @@ class OtelMetrics:
     def loop_blocked(self, seconds: float) -> None:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.loop_blocked_time.record(seconds)
+
+    def broker_call(self, operation: str, backend: str, seconds: float, ok: bool) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
+        attrs: dict[str, str | bool] = {
+            "messaging.system": backend,
+            "messaging.operation.name": operation,
+            "polyqueue.ok": ok,
+        }
+        self.broker_call_time.record(seconds, attrs)
 
     def inject_meta(self, meta: dict[str, Any]) -> None:
         """Write the current span's context into ``meta`` (W3C ``traceparent``), unless it has one."""

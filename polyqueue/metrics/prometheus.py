@@ -78,6 +78,14 @@ class PrometheusMetrics:
             registry=r,
             buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
         )
+        self.broker_call_seconds = Histogram(
+            "broker_call_seconds",
+            "Seconds a call on the broker took (a receive's wait included); ok is false when it raised.",
+            ["operation", "backend", "ok"],
+            namespace=ns,
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, float("inf")),
+        )
 
     def job_enqueued(self, task: str, queue: str, count: int) -> None:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
@@ -110,6 +118,10 @@ class PrometheusMetrics:
     def loop_blocked(self, seconds: float) -> None:
         """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
         self.loop_blocked_seconds.observe(seconds)
+
+    def broker_call(self, operation: str, backend: str, seconds: float, ok: bool) -> None:
+        """The :class:`~polyqueue.metrics.MetricsHook` event of that name."""
+        self.broker_call_seconds.labels(operation, backend, "true" if ok else "false").observe(seconds)
 
 
 def start_http_server(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry | None = None) -> Any:
