@@ -1,6 +1,7 @@
 """The broker facade (``polyqueue.brokers.facade``) on real brokers: every call is timed into the
 metrics hook and traced, whatever an adapter raises comes out as ``BrokerError`` with the right
-transient flag (``LeaseLostError`` unchanged), and ``close()`` never raises."""
+transient flag (``LeaseLostError`` unchanged), and ``close()`` never raises. And the worker
+reaches its broker through its job source only: a handler's ``ctx.heartbeat()`` included."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue import Polyqueue
+from polyqueue import JobContext, Polyqueue, enqueue
 from polyqueue.brokers import BrokerFacade, make_broker
 from polyqueue.brokers.base import Message
 from polyqueue.brokers.memory import MemoryBroker
 from polyqueue.brokers.redis import RedisBroker
 from polyqueue.errors import BrokerError, LeaseLostError
+from tests.helpers import make_app, running_worker, scalar, wait_until
 from tests.redis_service import RedisServer
 
 Q = "default"
@@ -165,3 +169,38 @@ async def test_the_ready_made_hooks_record_broker_calls() -> None:
     [calls] = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if "broker" in m.name]
     seen = {(p.attributes["messaging.operation.name"], p.attributes["polyqueue.ok"]) for p in calls.data.data_points}
     assert seen == {("publish", True), ("receive", False), ("close", True)}
+
+
+class Beats(BaseModel):
+    n: int
+
+
+beating = make_app()
+
+
+@beating.register
+async def beat(payload: Beats, ctx: JobContext) -> int:
+    for _ in range(payload.n):
+        await ctx.heartbeat()  # the job's row, and its delivery's lease through the worker's job source
+    return payload.n
+
+
+async def test_a_handlers_heartbeat_extends_its_lease_through_the_job_source(
+    engine: AsyncEngine, redis_server: RedisServer
+) -> None:
+    recorder = Recorder()
+    # lease 30 s: the source's own keepalive renews after 10 s, long after this job is over
+    broker = _redis(redis_server.url, recorder, lease_seconds=30.0)
+    async with AsyncSession(engine) as session, session.begin():
+        job_id = (await enqueue(session, Beats(n=3), task="beat")).id
+
+    async def succeeded() -> bool:
+        return await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :i", i=job_id) == "succeeded"
+
+    try:
+        async with running_worker(beating, engine, broker=broker):
+            await wait_until(succeeded, what="the beating job")
+    finally:
+        await broker.close()
+    extends = [ok for op, _, _, ok in recorder.calls if op == "extend"]
+    assert extends == [True, True, True]
