@@ -1,4 +1,4 @@
-"""One conformance suite, run against every broker adapter on its real service (DESIGN.md §4).
+"""One conformance suite, run against every broker adapter on its real service.
 
 Each harness hands out its adapter behind ``BrokerFacade``, as ``make_broker`` does: the
 suite checks the contract the runtime relies on (``polyqueue.brokers.base.Broker``), errors
