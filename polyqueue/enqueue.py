@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -80,8 +80,15 @@ def _queue(spec: TaskSpec, queue: str | None) -> str:
     return queue
 
 
-def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
-    data: dict[str, Any] = _validated_model(spec, payload).model_dump(mode="json")
+def _validated_payload(spec: TaskSpec, payload: BaseModel | Mapping[str, Any], *, as_json: bool) -> Any:
+    """The payload validated and sized: a dict (for the ORM insert), or its JSON text (``as_json``,
+    for the bulk insert, which would serialise the dict anyway)."""
+    model = _validated_model(spec, payload)
+    if as_json:
+        body = model.model_dump_json()
+        _check_size(spec, body)
+        return body
+    data: dict[str, Any] = model.model_dump(mode="json")
     _check_size(spec, to_json(data))
     return data
 
@@ -122,11 +129,13 @@ def _row(
     max_run_seconds: float | None,
     timeout_strategy: TimeoutStrategy | str | None,
     unique_key: str | None,
-    meta: Mapping[str, Any] | None,
+    meta: Callable[[TaskSpec], dict[str, Any]],
+    json_payload: bool = False,
 ) -> dict[str, Any]:
     """The jobs-table row of one job, for :func:`enqueue` and :func:`enqueue_many` alike: the
-    task resolved, the payload validated and sized, the task's defaults filled in. ``run_at`` None
-    means "now" (the database's clock, at insert)."""
+    task resolved, the payload validated and sized (as JSON text with ``json_payload``), the
+    task's defaults filled in, ``meta`` from ``meta(spec)``. ``run_at`` None means "now" (the
+    database's clock, at insert)."""
     spec = resolve_task(tasks, payload if isinstance(payload, BaseModel) else dict(payload), task)
     run_at = _resolve_run_at(run_at, delay)
     attempts = spec.max_attempts if max_attempts is None else max_attempts
@@ -136,13 +145,15 @@ def _row(
         "id": new_job_id(),
         "task": spec.name,
         "queue": _queue(spec, queue),
-        "payload": _validated_payload(spec, payload),
+        "payload": _validated_payload(spec, payload, as_json=json_payload),
         "priority": spec.priority if priority is None else priority,
         "max_attempts": attempts,
         "max_run_seconds": spec.max_run_seconds if max_run_seconds is None else max_run_seconds,
-        "timeout_strategy": TimeoutStrategy(timeout_strategy or spec.timeout_strategy).value,
+        "timeout_strategy": (
+            spec.timeout_strategy if not timeout_strategy else TimeoutStrategy(timeout_strategy)
+        ).value,
         "unique_key": unique_key,
-        "meta": _meta(spec, meta),
+        "meta": meta(spec),
         "run_at": run_at,
     }
 
@@ -214,7 +225,7 @@ async def enqueue(
         max_run_seconds=max_run_seconds,
         timeout_strategy=timeout_strategy,
         unique_key=unique_key,
-        meta=meta,
+        meta=lambda spec: _meta(spec, meta),
     )
     spec = tasks[row["task"]]
     for _ in range(_UNIQUE_RETRIES):
@@ -288,6 +299,13 @@ async def enqueue_many(
         raise ValueError(f"unique_keys has {len(keys)} keys for {len(payloads)} payloads; pass one (or None) each")
     when = _resolve_run_at(run_at, delay)  # one time for the whole batch
     tasks = all_tasks()
+    shared: list[dict[str, Any]] = []  # one meta for the batch, with the first job's task's injection
+
+    def batch_meta(spec: TaskSpec) -> dict[str, Any]:
+        if not shared:
+            shared.append(_meta(spec, meta))
+        return shared[0]
+
     rows: list[dict[str, Any]] = []
     first_with_key: dict[str, int] = {}  # key -> index of its first row; later rows share its job
     for payload, key in zip(payloads, keys, strict=True):
@@ -303,7 +321,8 @@ async def enqueue_many(
             max_run_seconds=max_run_seconds,
             timeout_strategy=timeout_strategy,
             unique_key=key,
-            meta=meta,
+            meta=batch_meta,
+            json_payload=True,
         )
         if key is not None:
             first_with_key.setdefault(key, len(rows))
@@ -314,7 +333,7 @@ async def enqueue_many(
     inserted: set[uuid.UUID] = set()
     for _ in range(_UNIQUE_RETRIES):
         try:
-            inserted |= await job_insert_many(session, _columns([rows[i] for i in todo]), when)
+            inserted |= await job_insert_many(session, _columns([rows[i] for i in todo]), shared[0], when)
         except ProgrammingError as exc:
             raise _translated(session, exc) from exc
         skipped = {rows[i]["unique_key"]: i for i in todo if rows[i]["id"] not in inserted}
@@ -348,12 +367,11 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
                 [r["id"] for r in rows],
                 [r["task"] for r in rows],
                 [r["queue"] for r in rows],
-                [to_json(r["payload"]).decode() for r in rows],
+                [r["payload"] for r in rows],
                 [r["priority"] for r in rows],
                 [r["max_attempts"] for r in rows],
                 [r["max_run_seconds"] for r in rows],
                 [r["timeout_strategy"] for r in rows],
-                [to_json(r["meta"]).decode() for r in rows],
                 [r["unique_key"] for r in rows],
             ),
             strict=True,

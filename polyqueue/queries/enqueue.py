@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic_core import to_json
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
@@ -61,12 +62,12 @@ _INSERT_MANY = text(
         INSERT INTO polyqueue_jobs
             (id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy, meta, run_at)
         SELECT v.id, v.task, v.queue, v.payload::jsonb, v.priority, v.max_attempts, v.max_run_seconds,
-               v.timeout_strategy, v.meta::jsonb, coalesce(CAST(:run_at AS timestamptz), now())
+               v.timeout_strategy, CAST(:meta AS jsonb), coalesce(CAST(:run_at AS timestamptz), now())
         FROM unnest(
             CAST(:ids AS uuid[]), CAST(:tasks AS text[]), CAST(:queues AS text[]), CAST(:payloads AS text[]),
             CAST(:priorities AS int[]), CAST(:max_attempts AS int[]), CAST(:max_run_seconds AS float8[]),
-            CAST(:timeout_strategies AS text[]), CAST(:metas AS text[])
-        ) AS v(id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy, meta)
+            CAST(:timeout_strategies AS text[])
+        ) AS v(id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy)
         RETURNING queue
     )
     SELECT pg_notify(:new_channel, queue) FROM (SELECT DISTINCT queue FROM ins) AS q
@@ -79,12 +80,13 @@ _INSERT_MANY_UNIQUE = text(
             (id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy, meta, run_at,
              unique_key)
         SELECT v.id, v.task, v.queue, v.payload::jsonb, v.priority, v.max_attempts, v.max_run_seconds,
-               v.timeout_strategy, v.meta::jsonb, coalesce(CAST(:run_at AS timestamptz), now()), v.unique_key
+               v.timeout_strategy, CAST(:meta AS jsonb), coalesce(CAST(:run_at AS timestamptz), now()),
+               v.unique_key
         FROM unnest(
             CAST(:ids AS uuid[]), CAST(:tasks AS text[]), CAST(:queues AS text[]), CAST(:payloads AS text[]),
             CAST(:priorities AS int[]), CAST(:max_attempts AS int[]), CAST(:max_run_seconds AS float8[]),
-            CAST(:timeout_strategies AS text[]), CAST(:metas AS text[]), CAST(:unique_keys AS text[])
-        ) AS v(id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy, meta, unique_key)
+            CAST(:timeout_strategies AS text[]), CAST(:unique_keys AS text[])
+        ) AS v(id, task, queue, payload, priority, max_attempts, max_run_seconds, timeout_strategy, unique_key)
         ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'enqueued', 'running')
         DO NOTHING
         RETURNING id, queue
@@ -105,18 +107,18 @@ MANY_COLUMNS = (
     "max_attempts",
     "max_run_seconds",
     "timeout_strategies",
-    "metas",
     "unique_keys",
 )
 
 
 async def job_insert_many(
-    session: Executor, columns: Mapping[str, Sequence[Any]], run_at: Any = None
+    session: Executor, columns: Mapping[str, Sequence[Any]], meta: Mapping[str, Any], run_at: Any = None
 ) -> set[uuid.UUID]:
-    """Insert rows given column-wise (:data:`MANY_COLUMNS`; payloads and metas as JSON text), all due
-    at ``run_at`` (None: now). Rows whose ``unique_key`` a live job holds are skipped; returns the
-    ids inserted. The keys must be distinct within one call."""
+    """Insert rows given column-wise (:data:`MANY_COLUMNS`; payloads as JSON text), all with ``meta``
+    and due at ``run_at`` (None: now). Rows whose ``unique_key`` a live job holds are skipped;
+    returns the ids inserted. The keys must be distinct within one call."""
     params: dict[str, Any] = {name: list(columns[name]) for name in MANY_COLUMNS if name != "unique_keys"}
+    params["meta"] = to_json(meta).decode()
     params["run_at"] = run_at
     if all(k is None for k in columns["unique_keys"]):
         await session.execute(_INSERT_MANY, params)  # nothing can conflict: every row is inserted
