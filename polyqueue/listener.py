@@ -3,6 +3,10 @@
 NOTIFY only shortens waits: every loop that listens also polls, because a
 connection can drop (and pgbouncer in transaction mode never delivers LISTEN).
 
+The listener is channel-agnostic; polyqueue's channels are the constants of
+``polyqueue.types`` (``NEW_JOB_CHANNEL``, ``DONE_CHANNEL``, ``CANCEL_CHANNEL``), which the
+statements in ``polyqueue.queries`` notify on and the subscribers pass to :meth:`Listener.subscribe`.
+
 Under transaction pooling (``pool_mode = "transaction"``) LISTEN through the pooler is
 useless: the session that ran it goes to other clients between transactions. With a
 ``direct_url`` (``listen_database_url``, straight to Postgres) the listener keeps its one
