@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 from pydantic import SecretStr
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from polyqueue._redact import mask_secrets
 from polyqueue.errors import ConfigurationError
-from polyqueue.queries.schema import TABLES, missing_tables
 from polyqueue.settings import EMBEDDED, secret_value
 
 __all__ = [
@@ -144,6 +144,11 @@ def database_url(configured: SecretStr | str | None, embedded_dir: str, *, embed
 
 # -- is polyqueue's schema there? ------------------------------------------------------------------
 
+# The one "are polyqueue's tables there?" check (polyqueue.queries.schema re-exports it). It lives
+# here, not in polyqueue.queries, because the brokers import this module (engines, URL masking)
+# and must not depend on polyqueue's SQL or models: so the table names are spelled here too.
+#: polyqueue's tables, which its migrations create.
+TABLES = ("polyqueue_jobs", "polyqueue_workers", "polyqueue_leader")
 #: What to run when they are missing.
 UPGRADE_HINT = (
     "run `polyqueue db upgrade` (or `alembic upgrade heads`, with polyqueue's revisions in your Alembic history)"
@@ -154,6 +159,15 @@ _UNDEFINED_TABLE = "42P01"
 def not_migrated(where: str) -> ConfigurationError:
     """The error for a database without polyqueue's tables; ``where`` names it (a masked URL)."""
     return ConfigurationError(f"{where} has no polyqueue tables: {UPGRADE_HINT} first")
+
+
+async def missing_tables(conn: AsyncConnection) -> list[str]:
+    """Those of :data:`TABLES` that ``conn``'s database lacks (as its ``search_path`` resolves names)."""
+    result = await conn.execute(
+        text("SELECT t FROM unnest(CAST(:names AS text[])) AS t WHERE to_regclass(t) IS NULL ORDER BY t"),
+        {"names": list(TABLES)},
+    )
+    return [row[0] for row in result]
 
 
 async def require_tables(engine: AsyncEngine, *, wait: float = 0.0) -> None:
