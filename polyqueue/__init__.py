@@ -40,7 +40,7 @@ from polyqueue.results import (
     wait_for_result,
 )
 from polyqueue.retry import Backoff
-from polyqueue.runner import main, run_worker
+from polyqueue.runner import WorkerProcess, main, run_relay, run_worker
 from polyqueue.settings import Settings
 from polyqueue.types import JobStatus, TimeoutStrategy
 
@@ -68,6 +68,7 @@ __all__ = [
     "TimeoutStrategy",
     "UnknownTaskError",
     "Worker",
+    "WorkerProcess",
     "enqueue",
     "enqueue_many",
     "get_job_result",
@@ -75,6 +76,7 @@ __all__ = [
     "get_job_result_typed_via_registry",
     "main",
     "polyqueue_metadata",
+    "run_relay",
     "run_worker",
     "wait_for_result",
 ]

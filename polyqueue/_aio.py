@@ -4,10 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+import logging
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
-__all__ = ["gather_all", "wait_any", "wait_any_future"]
+__all__ = ["bounded", "gather_all", "stop_tasks", "wait_any", "wait_any_future"]
+
+
+async def bounded(what: str, awaitable: Awaitable[object], log: logging.Logger, seconds: float = 10.0) -> None:
+    """Await a shutdown step for at most ``seconds``, then cancel it and go on; its failure is
+    logged, not raised. A broker SDK stuck on a dead link (or a handler that swallows
+    cancellation) must not keep a stopping process alive, and nothing is lost by moving on:
+    Postgres holds every job."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait([task], timeout=seconds)
+    if not done:
+        task.cancel()
+        log.error("shutdown: %s did not finish within %.0f s; going on without it", what, seconds)
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("shutdown: %s failed: %s", what, task.exception())
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], log: logging.Logger, seconds: float = 5.0) -> None:
+    """Give ``tasks`` (loops already told to stop) ``seconds`` to end, cancel those that did not,
+    and wait for them; their failures are logged."""
+    tasks = list(tasks)
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=seconds)
+    for task in late:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, result in zip(tasks, results, strict=True):
+        if isinstance(result, Exception):
+            log.error("%s failed: %s", task.get_name(), result, exc_info=result)
 
 
 async def gather_all(*aws: Awaitable[Any]) -> None:

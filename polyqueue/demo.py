@@ -31,7 +31,6 @@ from sqlalchemy import DateTime, Identity, Integer, MetaData, Text, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from polyqueue.brokers import make_broker
 from polyqueue.context import JobContext
 from polyqueue.db import make_engine, missing_tables
 from polyqueue.enqueue import enqueue
@@ -41,8 +40,8 @@ from polyqueue.models import Job
 from polyqueue.registry import Polyqueue
 from polyqueue.results import get_job_result_typed, get_job_result_typed_via_registry, wait_for_result
 from polyqueue.retry import Backoff
+from polyqueue.runner import WorkerProcess
 from polyqueue.settings import Settings, secret_value
-from polyqueue.worker.runtime import Worker
 
 __all__ = ["DEMO_QUEUE", "build_app", "run_demo"]
 
@@ -218,8 +217,7 @@ async def _wait_all(engine: AsyncEngine, ids: list[uuid.UUID], timeout: float) -
 
 
 async def _run_worker(app: Polyqueue, engine: AsyncEngine, ids: list[uuid.UUID], timeout: float) -> None:
-    broker = make_broker(app.settings)
-    worker = Worker(app, engine, broker=broker, queues=[DEMO_QUEUE], concurrency=8, run_maintenance=False)
+    worker = WorkerProcess(app, engine, queues=[DEMO_QUEUE], concurrency=8, run_maintenance=False)
     running = asyncio.create_task(worker.run(), name="polyqueue-demo-worker")
     waiting = asyncio.create_task(_wait_all(engine, ids, timeout), name="polyqueue-demo-wait")
     try:
@@ -232,9 +230,7 @@ async def _run_worker(app: Polyqueue, engine: AsyncEngine, ids: list[uuid.UUID],
         waiting.result()
     finally:
         worker.stop()
-        await running
-        if broker is not None:
-            await broker.close()
+        await running  # closes the broker it made
 
 
 async def _outcomes(

@@ -20,9 +20,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import Polyqueue, enqueue
-from polyqueue.brokers.base import Broker
+from polyqueue.brokers.base import Broker, BrokerAdapter
 from polyqueue.queries import job_claim_pending, worker_register
-from polyqueue.worker.runtime import Worker
+from polyqueue.runner import WorkerProcess
 from tests.services import url_str
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,10 +45,11 @@ def make_app(**overrides: Any) -> Polyqueue:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    app: Polyqueue, engine: AsyncEngine, *, broker: Broker | None = None, **kwargs: Any
-) -> AsyncIterator[Worker]:
-    """A worker running in a background task; stopped (gracefully) on exit."""
-    worker = Worker(app, engine, broker=broker, **kwargs)
+    app: Polyqueue, engine: AsyncEngine, *, broker: Broker | BrokerAdapter | None = None, **kwargs: Any
+) -> AsyncIterator[WorkerProcess]:
+    """A worker process (as ``polyqueue worker`` wires one) running in a background task;
+    stopped (gracefully) on exit. A ``broker`` given is left open for the test to inspect."""
+    worker = WorkerProcess(app, engine, broker=broker, **kwargs)
     task = asyncio.create_task(worker.run(), name="test-worker")
     try:
         yield worker

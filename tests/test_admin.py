@@ -185,7 +185,7 @@ async def test_cancel_and_fail_running_jobs_in_process(engine: AsyncEngine) -> N
             assert (changed.old_status, changed.new_status) == ("running", "cancelled")
             [changed] = await admin.fail(engine, [slow2], reason="stuck")
             assert (changed.old_status, changed.new_status) == ("running", "failed")
-            await wait_until(lambda: _true(not worker._running), what="the worker to stop both handlers")
+            await wait_until(lambda: _true(not worker.worker.running), what="the worker to stop both handlers")
             [quick] = await _jobs(engine, Sleep(tag="next"))
             await wait_until(lambda: _is(engine, quick, "succeeded"), what="the next job")
         await wait_until(lambda: _true(str(slow2) in ",".join(dones)), what="done notifications")

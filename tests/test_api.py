@@ -32,6 +32,7 @@ EXPECTED_PUBLIC = {
     "TimeoutStrategy",
     "UnknownTaskError",
     "Worker",
+    "WorkerProcess",
     "enqueue",
     "enqueue_many",
     "get_job_result",
@@ -39,6 +40,7 @@ EXPECTED_PUBLIC = {
     "get_job_result_typed_via_registry",
     "main",
     "polyqueue_metadata",
+    "run_relay",
     "run_worker",
     "wait_for_result",
 }

@@ -27,7 +27,7 @@ from polyqueue.brokers.base import Message, encode_message
 from polyqueue.db import make_engine
 from polyqueue.maintenance.service import Maintenance
 from polyqueue.queries import CANCEL_CHANNEL, DONE_CHANNEL, Outcome, job_claim_pending, job_complete_many
-from polyqueue.worker.runtime import Worker
+from polyqueue.runner import WorkerProcess
 from tests.helpers import make_app, rows, running_worker, scalar, wait_until
 from tests.redis_service import RedisServer
 
@@ -160,7 +160,7 @@ async def test_a_forged_cancel_notify_does_not_interrupt_a_running_job(
         await asyncio.wait_for(heard.wait(), 20)
 
         async def checked() -> bool:
-            return not worker._checks
+            return not worker.worker._checks
 
         await wait_until(checked, what="the worker to look at the row")
         gates[key].set()
@@ -224,7 +224,7 @@ async def test_an_old_worker_hands_a_new_task_back_for_a_worker_that_has_it(engi
         status, attempt, errors = await _status(engine, job_id)
         assert status in ("pending", "running") and attempt in (0, 1)
         assert {e["type"] for e in errors} == {"UnknownTaskError"}
-        assert old.label in errors[0]["message"] and "fresh_task" in errors[0]["message"]
+        assert old.worker.label in errors[0]["message"] and "fresh_task" in errors[0]["message"]
     async with running_worker(new_app, engine):  # the deploy replaced the old worker
         await wait_until(lambda: _is(engine, job_id, "succeeded"), what="the new worker to run it")
     status, attempt, errors = await _status(engine, job_id)
@@ -242,7 +242,7 @@ async def test_an_unknown_task_fails_after_the_grace_naming_the_workers_that_lac
     last = errors[-1]
     assert last["type"] == "UnknownTaskError"
     assert "'fresh_task'" in last["message"] and "unknown_task_grace" in last["message"]
-    assert worker.label in last["message"].split("workers that lacked it: ")[1]
+    assert worker.worker.label in last["message"].split("workers that lacked it: ")[1]
 
 
 # -- waking waiters ----------------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def _async(check: Any) -> Any:
 def test_worker_label_names_host_and_pid(engine: AsyncEngine) -> None:
     import os
 
-    assert Worker(app, engine).label.endswith(f":{os.getpid()}")
+    assert WorkerProcess(app, engine).worker.label.endswith(f":{os.getpid()}")
 
 
 # -- outcomes Postgres refuses, parameters of the app's own engine --------------------------------

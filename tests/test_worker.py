@@ -336,7 +336,7 @@ async def test_a_burst_worker_with_a_broker_drains_what_the_relay_has_still_to_p
     now stops only once Postgres has no due job of its queues left; the relay bound (10 here)
     makes the relay publish in rounds, so the worker meets an empty broker several times."""
     from polyqueue import enqueue_many
-    from polyqueue.worker.runtime import Worker
+    from polyqueue.runner import WorkerProcess
 
     small = make_app(relay_max_enqueued=10)
 
@@ -346,7 +346,7 @@ async def test_a_burst_worker_with_a_broker_drains_what_the_relay_has_still_to_p
 
     async with AsyncSession(engine) as s, s.begin():
         await enqueue_many(s, [Count(n=i) for i in range(40)], task="burst_count")
-    worker = Worker(small, engine, broker=MemoryBroker())
+    worker = WorkerProcess(small, engine, broker=MemoryBroker())
     await asyncio.wait_for(worker.run(burst=True), 30)
     assert worker.processed == 40
     assert await scalar(engine, "SELECT count(*) FROM polyqueue_jobs WHERE status = 'succeeded'") == 40

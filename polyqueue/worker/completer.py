@@ -11,12 +11,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue._conn import HeldConnection
 from polyqueue._redact import error_record
 from polyqueue.queries import Outcome, job_complete_many
 from polyqueue.types import JobStatus
+from polyqueue.worker.executor import hide_sql_parameters
 
 __all__ = ["Completer"]
 
@@ -35,6 +36,17 @@ def _refused_data(exc: DBAPIError) -> bool:
 def _first_line(exc: DBAPIError) -> str:
     text = str(exc.orig if exc.orig is not None else exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def _run_after(after: AfterWrite | None, outcome: Outcome, written: bool) -> None:
+    if after is None:
+        return
+    try:
+        res = after(outcome, written)
+        if res is not None:
+            await res
+    except Exception:
+        log.exception("after-write callback for job %s failed", outcome.job_id)
 
 
 class Completer:
@@ -57,7 +69,6 @@ class Completer:
         self.max_backlog = 2 * batch_size
         self._room = asyncio.Event()
         self._room.set()
-        self.written = 0
 
     def add(self, outcome: Outcome, after: AfterWrite | None = None) -> None:
         """Queue an outcome; ``after(outcome, written)`` runs once it is persisted."""
@@ -67,6 +78,37 @@ class Completer:
             self._full.set()
         if len(self._buffer) >= self.max_backlog:
             self._room.clear()
+
+    async def complete_in_session(
+        self, session: AsyncSession, outcome: Outcome, after: AfterWrite, retry: Callable[[str, str], Outcome]
+    ) -> None:
+        """Complete a job whose handler wrote through ``ctx.session``: a success is written and
+        committed with the handler's own writes (both or neither); a failure rolls them back and
+        is written like any outcome. When the commit fails, ``retry(error_type, message)`` (the
+        executor's retry decision) gives the outcome to write instead. ``after`` runs as for
+        :meth:`add`."""
+        if outcome.status == JobStatus.SUCCEEDED:
+            try:
+                written = outcome.job_id in await job_complete_many(session, [outcome])
+                if written:
+                    await session.commit()
+                else:
+                    await session.rollback()
+                    log.warning(
+                        "job %s: lost ownership before commit; the handler's writes were rolled back", outcome.job_id
+                    )
+                await _run_after(after, outcome, written)
+                return
+            except Exception as exc:
+                hide_sql_parameters(exc)  # the app's engine may not hide them; they hold the result
+                with contextlib.suppress(Exception):
+                    await session.rollback()
+                log.error("job %s: committing the handler's transaction failed: %s", outcome.job_id, exc)
+                outcome = retry(type(exc).__name__, str(exc))
+        else:
+            with contextlib.suppress(Exception):
+                await session.rollback()  # the handler failed: its writes go with it
+        self.add(outcome, after)
 
     def pending_ids(self) -> set[uuid.UUID]:
         """Jobs whose outcome is buffered or being written."""
@@ -154,7 +196,6 @@ class Completer:
             written = await job_complete_many(conn, [o for o, _ in batch])
         if remove:
             self._take(len(batch))
-        self.written += len(written)
         for outcome, after in batch:
             ok = outcome.job_id in written
             if not ok:
@@ -165,13 +206,7 @@ class Completer:
                     outcome.attempt,
                     outcome.status,
                 )
-            if after is not None:
-                try:
-                    res = after(outcome, ok)
-                    if res is not None:
-                        await res
-                except Exception:
-                    log.exception("after-write callback for job %s failed", outcome.job_id)
+            await _run_after(after, outcome, ok)
 
     async def close(self) -> None:
         """Flush what is left and stop."""

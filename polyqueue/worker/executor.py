@@ -57,7 +57,7 @@ def _failed(job: ClaimedJob, kind: str, message: str, tb: str | None = None) -> 
 
 
 def retry_or_fail(
-    job: ClaimedJob, spec: TaskSpec, kind: str, message: str, tb: str | None, delay: float | None
+    job: ClaimedJob, spec: TaskSpec, kind: str, message: str, tb: str | None = None, delay: float | None = None
 ) -> Outcome:
     error = error_record(job.attempt, kind, message, tb)
     if job.attempt >= job.max_attempts:

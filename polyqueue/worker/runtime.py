@@ -1,8 +1,11 @@
-"""The worker process: slots, the fetch loop, heartbeats, shutdown.
+"""The worker: slots, the fetch loop, heartbeats, shutdown.
 
-Flow per job: source.fetch (claim) → executor (run) → completer (persist, batched)
-or, when the handler used ``ctx.session``, completion in the handler's own
-transaction → source.done (ack).
+Flow per job: source.fetch (claim) → executor (run) → completer (persist: batched, or in
+the handler's own transaction when it used ``ctx.session``) → source.done (ack).
+
+The worker sees only its job source; what feeds the source (a broker and the relay, or the
+table itself), the LISTEN connection and the maintenance service are built and run beside it
+by :mod:`polyqueue.runner`, the one place that wires a process together.
 """
 
 from __future__ import annotations
@@ -11,27 +14,23 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
+from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._aio import wait_any, wait_any_future
-from polyqueue.brokers.base import Broker
+from polyqueue._aio import bounded, wait_any, wait_any_future
 from polyqueue.context import JobContext
 from polyqueue.db import while_unreachable
 from polyqueue.listener import Listener
-from polyqueue.maintenance.service import Maintenance
 from polyqueue.metrics import GuardedMetrics
 from polyqueue.queries import (
     CANCEL_CHANNEL,
     ClaimedJob,
     Outcome,
-    job_any_due,
-    job_complete_many,
     job_hand_back,
     job_hand_back_unknown,
     job_held,
@@ -42,11 +41,9 @@ from polyqueue.queries import (
     worker_stop,
 )
 from polyqueue.registry import Polyqueue
-from polyqueue.relay import Relay, ensure_queues
-from polyqueue.settings import secret_value
 from polyqueue.worker.completer import Completer
-from polyqueue.worker.executor import execute, hide_sql_parameters, retry_or_fail
-from polyqueue.worker.sources import BrokerSource, Claim, DirectSource, JobSource
+from polyqueue.worker.executor import execute, retry_or_fail
+from polyqueue.worker.sources import Claim, JobSource
 from polyqueue.worker.watchdog import LoopWatchdog
 
 __all__ = ["Worker"]
@@ -60,17 +57,9 @@ UNKNOWN_TASK_MAX_DELAY = 60.0
 job_log = logging.getLogger("polyqueue.job")
 
 
-async def _bounded(what: str, awaitable: Awaitable[object], seconds: float = 10.0) -> None:
-    """Await a shutdown step for at most ``seconds``: a broker SDK stuck on a dead link (or a
-    handler that swallows cancellation) must not keep a stopping worker alive. Nothing is lost
-    by moving on: Postgres holds every job, and the worker is marked stopped regardless."""
-    task = asyncio.ensure_future(awaitable)
-    done, _ = await asyncio.wait([task], timeout=seconds)
-    if not done:
-        task.cancel()
-        log.error("shutdown: %s did not finish within %.0f s; going on without it", what, seconds)
-    elif not task.cancelled() and task.exception() is not None:
-        log.warning("shutdown: %s failed: %s", what, task.exception())
+def worker_label() -> str:
+    """How errors and logs name a worker: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _outcome_name(outcome: Outcome) -> str:
@@ -80,53 +69,47 @@ def _outcome_name(outcome: Outcome) -> str:
 
 
 class Worker:
-    """Runs the app's handlers for jobs of ``queues``, ``concurrency`` at a time.
+    """Runs the app's handlers for jobs of ``queues`` from ``source``, ``concurrency`` at a time.
 
-    ``broker=None`` means direct Postgres mode. With a broker, ``run_relay`` (on by
-    default) also forwards committed jobs to it from this process.
+    ``listener`` is the process's LISTEN connection (started and closed by whoever built it):
+    the worker subscribes to cancel requests on it. ``backend`` names what feeds the source
+    (``"postgres"`` in direct mode), for the worker registry and the logs.
     """
 
     def __init__(
         self,
         app: Polyqueue,
         engine: AsyncEngine,
+        source: JobSource,
+        listener: Listener,
         *,
-        broker: Broker | None = None,
-        queues: Sequence[str] | None = None,
-        concurrency: int | None = None,
-        run_relay: bool = True,
-        run_maintenance: bool = True,
-        metrics: object | None = None,
+        queues: Sequence[str],
+        concurrency: int,
+        backend: str,
+        metrics: GuardedMetrics,
     ) -> None:
         s = app.settings
         self.app = app
         self.engine = engine
-        self.broker = broker
-        self.queues = list(queues or s.queues)
-        self.concurrency = concurrency or s.concurrency
+        self.source = source
+        self.listener = listener
+        self.queues = list(queues)
+        self.concurrency = concurrency
+        self.backend = backend
         self.settings = s
         self.worker_id = uuid.uuid4()
-        self.label = f"{socket.gethostname()}:{os.getpid()}"  # how errors and logs name this worker
-        self.metrics = GuardedMetrics(metrics) if metrics is not None else app.metrics
-        pooled = s.pool_mode == "transaction"
-        self.listener = Listener(engine, direct_url=secret_value(s.listen_database_url), transaction_pooling=pooled)
+        self.label = worker_label()
+        self.metrics = metrics
         self.listener.subscribe(CANCEL_CHANNEL, self._on_cancel)
         self._cancel_requested: set[uuid.UUID] = set()
         self._checks: set[asyncio.Task[None]] = set()  # cancel NOTIFYs being confirmed against their rows
         self._finishing: set[uuid.UUID] = set()  # jobs whose handler returned: their outcome is being written
-        self.source: JobSource = (
-            DirectSource(engine, self.listener, self.queues, s.poll_interval, transaction_pooling=pooled)
-            if broker is None
-            else BrokerSource(engine, broker, self.queues, s.lease_seconds, transaction_pooling=pooled)
-        )
         self.completer = Completer(
             engine,
             flush_interval=s.completion_flush_interval,
             batch_size=s.completion_batch_size,
-            transaction_pooling=pooled,
+            transaction_pooling=s.pool_mode == "transaction",
         )
-        self.relay = Relay(engine, broker, self.listener, s, self.metrics) if broker is not None and run_relay else None
-        self.maintenance = Maintenance(engine, s, self.metrics, app) if run_maintenance else None
         self._running: dict[asyncio.Task[None], Claim] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -138,45 +121,29 @@ class Worker:
         """Ask the worker to stop: no new claims; running jobs get ``shutdown_grace`` seconds."""
         self._stopping.set()
 
-    async def run(self, *, install_signal_handlers: bool = False, burst: bool = False) -> None:
-        """Run until :meth:`stop` (or SIGTERM/SIGINT with ``install_signal_handlers``).
+    @property
+    def running(self) -> int:
+        """How many jobs this worker runs now."""
+        return len(self._running)
 
-        With ``burst`` the worker stops by itself once no job is due and none is running.
-        """
-        loop = asyncio.get_running_loop()
-        if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop)
-        wait = self.settings.startup_wait
-        await while_unreachable(self._register, wait=wait, what="registering the worker")
-        await while_unreachable(self.listener.start, wait=wait, what="listening for notifications")
+    async def run(self, *, burst: bool = False) -> None:
+        """Run until :meth:`stop`; with ``burst``, also once no job is due and none is running."""
+        await while_unreachable(self._register, wait=self.settings.startup_wait, what="registering the worker")
         self.completer.start()
         self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
         watchdog = LoopWatchdog(self.settings.blocked_loop_threshold, self._on_loop_blocked)
         self._background.append(asyncio.create_task(watchdog.run(), name="polyqueue-watchdog"))
-        if self.broker is not None:
-            ensuring = ensure_queues(self.broker, self.queues, self._stopping)
-            self._background.append(asyncio.create_task(ensuring, name="polyqueue-ensure"))
-        if self.relay is not None:
-            self._background.append(asyncio.create_task(self.relay.run(self._stopping), name="polyqueue-relay"))
-        if self.maintenance is not None:
-            self._background.append(
-                asyncio.create_task(self.maintenance.run(self._stopping), name="polyqueue-maintenance")
-            )
         log.info(
             "worker %s started: queues=%s concurrency=%d broker=%s",
             self.worker_id,
             ",".join(self.queues),
             self.concurrency,
-            self.broker.name if self.broker else "postgres",
+            self.backend,
         )
         try:
             await self._fetch_loop(burst)
         finally:
             await self._shutdown()
-            if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
 
     async def _register(self) -> None:
         async with self.engine.begin() as conn:
@@ -186,7 +153,7 @@ class Worker:
                 hostname=socket.gethostname(),
                 pid=os.getpid(),
                 queues=self.queues,
-                broker=self.broker.name if self.broker else "postgres",
+                broker=self.backend,
                 concurrency=self.concurrency,
             )
 
@@ -260,7 +227,7 @@ class Worker:
                 task.add_done_callback(self._job_finished)
             if not claims:
                 if burst and not self._running:
-                    if not await self._due_elsewhere():
+                    if not await self.source.due_undelivered():
                         return
                     await wait_any(self._stopping, seconds=BURST_RECHECK)
                     continue
@@ -268,18 +235,6 @@ class Worker:
                     # Nothing due now: wait for a running job to finish, or poll again.
                     self._slot_freed.clear()
                     await wait_any(self._slot_freed, self._stopping, seconds=self.settings.poll_interval)
-
-    async def _due_elsewhere(self) -> bool:
-        """With a broker, whether jobs of these queues are due but not delivered yet (the relay has
-        still to publish them, or their deliveries are on the way): a burst worker waits for them."""
-        if self.broker is None:
-            return False  # direct mode: the claim that found nothing looked at the table itself
-        try:
-            async with self.engine.connect() as conn:
-                return await job_any_due(conn, self.queues)
-        except Exception as exc:
-            log.warning("checking for due jobs failed: %s; retrying", exc)
-            return True
 
     def _on_cancel(self, payload: str) -> None:
         """A NOTIFY says running jobs were cancelled (``admin cancel``/``fail``). Anyone who can
@@ -361,10 +316,12 @@ class Worker:
                     return
                 self._finishing.add(job.id)
                 self._report(job, _outcome_name(outcome), time.perf_counter() - began, outcome.error_type)
+                acked = partial(self._ack, claim)
                 if ctx is not None and ctx.session_used:
-                    await self._complete_in_session(ctx, outcome, claim)
+                    retry = partial(retry_or_fail, job, spec)
+                    await self.completer.complete_in_session(ctx.session, outcome, acked, retry)
                 else:
-                    self.completer.add(outcome, lambda _o, _ok: self.source.done(claim))
+                    self.completer.add(outcome, acked)
                     await self.completer.wait_for_room()  # backpressure: keep the slot while writes lag
                 self.processed += 1
             finally:
@@ -398,32 +355,8 @@ class Worker:
                 },
             )
 
-    async def _complete_in_session(self, ctx: JobContext, outcome: Outcome, claim: Claim) -> None:
-        session = ctx.session
-        if outcome.status == "succeeded":
-            try:
-                written = await job_complete_many(session, [outcome])
-                if outcome.job_id in written:
-                    await session.commit()
-                    await self.source.done(claim)
-                    return
-                await session.rollback()
-                log.warning(
-                    "job %s: lost ownership before commit; the handler's writes were rolled back", outcome.job_id
-                )
-                await self.source.done(claim)
-                return
-            except Exception as exc:
-                hide_sql_parameters(exc)  # the app's engine may not hide them; they hold the result
-                with contextlib.suppress(Exception):
-                    await session.rollback()
-                log.error("job %s: committing the handler's transaction failed: %s", outcome.job_id, exc)
-                spec = self.app.tasks[claim.job.task]
-                outcome = retry_or_fail(claim.job, spec, type(exc).__name__, str(exc), None, None)
-        else:
-            with contextlib.suppress(Exception):
-                await session.rollback()  # the handler failed: its writes go with it
-        self.completer.add(outcome, lambda _o, _ok: self.source.done(claim))
+    async def _ack(self, claim: Claim, _outcome: Outcome, _written: bool) -> None:
+        await self.source.done(claim)
 
     # -- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
@@ -435,21 +368,21 @@ class Worker:
                 claims = [self._running[t] for t in pending if t in self._running]
                 for t in pending:
                     t.cancel()
-                await _bounded("cancelling unfinished jobs", asyncio.gather(*pending, return_exceptions=True))
+                await bounded("cancelling unfinished jobs", asyncio.gather(*pending, return_exceptions=True), log)
                 await self._hand_back(claims)
         await self.completer.close()
         for t in [*self._background, *self._checks]:
             t.cancel()
         stopping = asyncio.gather(*self._background, *self._checks, return_exceptions=True)
-        await _bounded("stopping background loops", stopping)
+        await bounded("stopping background loops", stopping, log)
         self._background.clear()
         try:
             async with self.engine.begin() as conn:
                 await worker_stop(conn, self.worker_id)
         except Exception as exc:
             log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
-        await _bounded("closing the job source", self.source.close())
-        await _bounded("closing the LISTEN connection", self.listener.close())
+        await bounded("closing the job source", self.source.close(), log)
+        self.listener.unsubscribe(CANCEL_CHANNEL, self._on_cancel)
         log.info("worker %s stopped after %d jobs", self.worker_id, self.processed)
 
     async def _hand_back_unknown(self, claim: Claim) -> None:

@@ -24,7 +24,7 @@ from polyqueue._conn import HeldConnection
 from polyqueue.brokers.base import Broker, Delivery
 from polyqueue.errors import BrokerError, LeaseLostError
 from polyqueue.listener import Listener
-from polyqueue.queries import NEW_JOB_CHANNEL, ClaimedJob, job_claim_by_ids, job_claim_pending
+from polyqueue.queries import NEW_JOB_CHANNEL, ClaimedJob, job_any_due, job_claim_by_ids, job_claim_pending
 
 __all__ = ["BrokerSource", "Claim", "DirectSource", "JobSource"]
 
@@ -47,6 +47,11 @@ class JobSource(Protocol):
     def keepalive(self, claim: Claim) -> contextlib.AbstractAsyncContextManager[None]: ...
 
     async def extend(self, claim: Claim) -> None: ...
+
+    async def due_undelivered(self) -> bool:
+        """Whether jobs of the source's queues are due but not deliverable yet (a burst worker
+        that found nothing waits for them rather than stopping)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -96,6 +101,9 @@ class DirectSource:
 
     async def extend(self, claim: Claim) -> None:
         return None  # no delivery, no lease: the job's row is all there is
+
+    async def due_undelivered(self) -> bool:
+        return False  # the claim that found nothing looked at the table itself
 
     async def close(self) -> None:
         self._listener.unsubscribe(NEW_JOB_CHANNEL, self._on_notify)
@@ -215,6 +223,16 @@ class BrokerSource:
         heartbeat); ``LeaseLostError`` or ``BrokerError`` as the broker raises them."""
         if claim.delivery is not None:
             await self._broker.extend(claim.delivery, self._lease)
+
+    async def due_undelivered(self) -> bool:
+        """Whether Postgres holds due jobs of these queues that the relay has still to publish,
+        or whose deliveries are on the way; True when that cannot be checked now."""
+        try:
+            async with self._conn.use() as conn:
+                return await job_any_due(conn, self._queues)
+        except Exception as exc:
+            log.warning("checking for due jobs failed: %s; retrying", exc)
+            return True
 
     async def close(self) -> None:
         if self._ack_task is not None:
