@@ -20,6 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from polyqueue._redact import mask_secrets
 from polyqueue.errors import ConfigurationError
+from polyqueue.retry import Backoff
 from polyqueue.settings import EMBEDDED, secret_value
 
 __all__ = [
@@ -222,24 +223,29 @@ def _broken_mid_operation(orig: BaseException | None) -> bool:
     return type(cause) is asyncpg.exceptions.InternalClientError
 
 
+#: Waits between tries while the database is unreachable at start: 0.2 s doubling to 2 s.
+UNREACHABLE_BACKOFF = Backoff(base=0.2, factor=2.0, maximum=2.0, jitter=False)
+
+
 async def while_unreachable(op: Callable[[], Awaitable[T]], *, wait: float, what: str) -> T:
     """Run ``op``, retrying for up to ``wait`` seconds while the database is :func:`unreachable`
     (a worker started during a Postgres restart rides it out); anything else, or an outage
     longer than ``wait``, raises the last error."""
     deadline = time.monotonic() + wait
-    delay = 0.2
+    failures = 0
     while True:
         try:
             return await op()
         except Exception as exc:
+            failures += 1
             remaining = deadline - time.monotonic()
             if not unreachable(exc) or remaining <= 0:
                 raise
             log.warning(
                 "%s: database unreachable (%s); retrying for up to %.0f s", what, mask_secrets(_first_line(exc)), wait
             )
-            await asyncio.sleep(min(delay, remaining))  # the last try is at the deadline, not before it
-            delay = min(delay * 2, 2.0)
+            # the last try is at the deadline, not before it
+            await asyncio.sleep(min(UNREACHABLE_BACKOFF.delay(failures), remaining))
 
 
 def _first_line(exc: BaseException) -> str:

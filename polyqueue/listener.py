@@ -20,18 +20,38 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from polyqueue._service import Service
 from polyqueue.db import make_engine, mask_url
+from polyqueue.retry import Backoff
 
 __all__ = ["Listener"]
 
 log = logging.getLogger("polyqueue.listener")
 
 Callback = Callable[[str], None]
+
+
+class _Reconnector(Service[bool]):
+    """Checks the LISTEN connection every ``interval`` and connects again when it was lost
+    (failures retried at the same pace: a lost LISTEN only delays wake-ups, polling goes on)."""
+
+    name = "LISTEN reconnect"
+    rest_first = True  # start() has just connected
+
+    def __init__(self, reconnect: Callable[[], Awaitable[bool]], interval: float) -> None:
+        super().__init__(interval=interval, backoff=Backoff(base=interval, factor=1.0, jitter=False), log=log)
+        self._reconnect = reconnect
+
+    async def run_once(self) -> bool:
+        return await self._reconnect()
+
+    def _failed(self, exc: Exception, delay: float) -> None:
+        log.warning("LISTEN connection lost, retrying: %s", exc)
 
 
 class Listener:
@@ -56,7 +76,7 @@ class Listener:
         self._conn: AsyncConnection | None = None
         self._raw: Any = None
         self._task: asyncio.Task[None] | None = None
-        self._reconnect_interval = reconnect_interval
+        self.reconnector = _Reconnector(self._reconnect_if_lost, reconnect_interval)
         #: Set while notifications can arrive, and at once in :attr:`polling_only` mode (there is
         #: nothing to wait for there), so nothing ever waits on it forever.
         self.connected = asyncio.Event()
@@ -94,7 +114,7 @@ class Listener:
             self._listen_engine = make_engine(self._direct_url, pool_size=1, max_overflow=0)
             log.info("listening on %s (listen_database_url)", mask_url(self._direct_url))
         await self._connect()
-        self._task = asyncio.create_task(self._watch(), name="polyqueue-listener")
+        self._task = asyncio.create_task(self.reconnector.run(asyncio.Event()), name="polyqueue-listener")
 
     async def _connect(self) -> None:
         conn = await (self._listen_engine or self._engine).connect()
@@ -115,18 +135,15 @@ class Listener:
                 with contextlib.suppress(Exception):
                     cb("")
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._reconnect_interval)
-            if self._raw is not None and not self._raw.is_closed():
-                continue
-            self.connected.clear()
-            await self._drop()
-            try:
-                await self._connect()
-                log.info("LISTEN connection re-established")
-            except Exception as exc:
-                log.warning("LISTEN connection lost, retrying: %s", exc)
+    async def _reconnect_if_lost(self) -> bool:
+        """Connect again if the connection was lost; whether it had to."""
+        if self._raw is not None and not self._raw.is_closed():
+            return False
+        self.connected.clear()
+        await self._drop()
+        await self._connect()
+        log.info("LISTEN connection re-established")
+        return True
 
     async def _drop(self) -> None:
         conn, self._conn, self._raw = self._conn, None, None

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from polyqueue._aio import wait_any, wait_any_future
+from polyqueue._service import Service
 from polyqueue.brokers.base import Broker, Message
 from polyqueue.errors import BrokerError
 from polyqueue.listener import Listener
@@ -76,8 +77,11 @@ async def ensure_queues(broker: Broker, queues: Sequence[str], stopping: asyncio
             await wait_any(stopping, seconds=delay)
 
 
-class Relay:
-    """Moves ``pending`` → broker → ``enqueued``. ``run_once`` is one batch; ``run`` loops."""
+class Relay(Service[int]):
+    """Moves ``pending`` → broker → ``enqueued``. ``run_once`` is one batch; ``run`` loops,
+    waking on NOTIFY and polling as a fallback, retrying failures after ``RETRY_BACKOFF``."""
+
+    name = "relay"
 
     def __init__(
         self,
@@ -87,20 +91,19 @@ class Relay:
         settings: Settings,
         metrics: GuardedMetrics | None = None,
     ) -> None:
+        super().__init__(interval=settings.poll_interval, backoff=RETRY_BACKOFF, log=log)
         self.metrics = metrics or GuardedMetrics(None)
         self.engine = engine
         self.broker = broker
         self.listener = listener
         self.batch_size = settings.relay_batch_size
         self.max_enqueued = settings.relay_max_enqueued
-        self.poll_interval = settings.poll_interval
         #: The last batch stopped at ``max_enqueued`` for some queue: look again soon, as
         #: claims (which send no NOTIFY the relay hears) make room.
         self.held_back = False
         self._room_estimate: dict[str, int] | None = None  # see _room
         self._counted_at = 0.0
         self._wakeup = asyncio.Event()
-        self.published = 0
 
     def _on_notify(self, _payload: str) -> None:
         self._wakeup.set()
@@ -117,7 +120,6 @@ class Relay:
             else:
                 await self.broker.publish(messages)
             await job_mark_enqueued(conn, [r.id for r in rows])
-        self.published += len(rows)
         for queue, count in collections.Counter(r.queue for r in rows).items():
             self.metrics.job_dispatched(queue, count)
         return len(rows)
@@ -157,13 +159,14 @@ class Relay:
             self._counted_at = now
         return estimate
 
-    async def _once_unless_stopped(self, stopping: asyncio.Event) -> int:
+    async def _attempt(self, stop: asyncio.Event) -> int:
         """``run_once``, but a stop request gives a batch in flight ``STOP_GRACE`` seconds, then
         abandons it: a relay blocked on a slow broker must still stop on SIGTERM. An abandoned
         batch's transaction rolls back, so its jobs stay pending (any copies already published
         are harmless duplicates: a job runs only for the worker that claims it in Postgres)."""
+        self._wakeup.clear()  # before the batch: a NOTIFY during it wakes the rest after it
         once = asyncio.ensure_future(self.run_once())
-        if await wait_any_future(once, stopping):
+        if await wait_any_future(once, stop):
             return once.result()
         with contextlib.suppress(TimeoutError, Exception):
             await asyncio.wait_for(asyncio.shield(once), STOP_GRACE)
@@ -173,38 +176,29 @@ class Relay:
         await asyncio.gather(once, return_exceptions=True)
         return 0
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Publish until ``stopping`` is set, waking on NOTIFY and polling as a fallback."""
+    async def _rest(self, stop: asyncio.Event, result: int, recovered: bool) -> None:
+        if result >= self.batch_size or (recovered and result):
+            return  # more may be waiting; after an outage, go straight on with the backlog
+        wait = min(self.interval, HELD_BACK_POLL) if self.held_back else self.interval
+        await wait_any(stop, self._wakeup, seconds=wait)
+
+    def _failed(self, exc: Exception, delay: float) -> None:
+        if isinstance(exc, BrokerError):
+            log.error(
+                "relay: publishing to %s failed (%s); jobs stay pending, retrying in %.1fs",
+                self.broker.name,
+                exc,  # adapters never put URLs (or secrets) in their errors
+                delay,
+            )
+        else:
+            log.error("relay: database error (%s); retrying in %.1fs", exc, delay)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set."""
         if self.listener is not None:
             self.listener.subscribe(NEW_JOB_CHANNEL, self._on_notify)
-        failures = 0  # in a row; the wait after each grows to RETRY_CAP
         try:
-            while not stopping.is_set():
-                self._wakeup.clear()
-                try:
-                    count = await self._once_unless_stopped(stopping)
-                except BrokerError as exc:
-                    failures += 1
-                    delay = RETRY_BACKOFF.delay(failures)
-                    log.error(
-                        "relay: publishing to %s failed (%s); jobs stay pending, retrying in %.1fs",
-                        self.broker.name,
-                        exc,  # adapters never put URLs (or secrets) in their errors
-                        delay,
-                    )
-                    await wait_any(stopping, seconds=delay)
-                    continue
-                except Exception as exc:
-                    failures += 1
-                    delay = RETRY_BACKOFF.delay(failures)
-                    log.error("relay: database error (%s); retrying in %.1fs", exc, delay)
-                    await wait_any(stopping, seconds=delay)
-                    continue
-                recovered, failures = failures > 0, 0
-                if count >= self.batch_size or (recovered and count):
-                    continue  # more may be waiting; after an outage, go straight on with the backlog
-                wait = min(self.poll_interval, HELD_BACK_POLL) if self.held_back else self.poll_interval
-                await wait_any(stopping, self._wakeup, seconds=wait)
+            await super().run(stop)
         finally:
             if self.listener is not None:
                 self.listener.unsubscribe(NEW_JOB_CHANNEL, self._on_notify)

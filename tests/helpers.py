@@ -52,6 +52,12 @@ async def running_worker(
     worker = WorkerProcess(app, engine, broker=broker, **kwargs)
     task = asyncio.create_task(worker.run(), name="test-worker")
     try:
+        started = asyncio.ensure_future(worker.worker.started.wait())
+        await asyncio.wait([started, task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if task.done():
+            task.result()  # it failed to start: raise why
+        assert worker.worker.started.is_set(), "the worker did not start within 30 s"
         yield worker
     finally:
         worker.stop()
@@ -66,6 +72,21 @@ async def wait_until(check: Callable[[], Awaitable[bool]], *, timeout: float = 2
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def heard_everything(engine: AsyncEngine, channel: str, heard: list[str]) -> None:
+    """Wait until a listener appending payloads of ``channel`` to ``heard`` received all that was
+    notified before now: a marker NOTIFY sent now arrives after them (Postgres delivers
+    notifications in commit order), so waiting for it replaces sleeping. The marker is removed."""
+    marker = f"marker-{uuid.uuid4()}"
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_notify(:c, :m)"), {"c": channel, "m": marker})
+    await wait_until(lambda: _true(marker in heard), timeout=10, what=f"the marker NOTIFY on {channel}")
+    heard.remove(marker)
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:

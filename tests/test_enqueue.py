@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import PayloadError, UnknownTaskError, enqueue, enqueue_many
 from polyqueue.types import new_job_id
-from tests.helpers import make_app, scalar
+from tests.helpers import heard_everything, make_app, scalar
 
 app = make_app()
 
@@ -55,7 +55,7 @@ async def test_rollback_leaves_no_job_and_no_notify(engine: AsyncEngine) -> None
                 job = await enqueue(session, Invoice(number=1, email="a@example.com"))
                 assert job.status == "pending"
                 await session.rollback()
-        await asyncio.sleep(0.2)  # give a (wrong) notification time to arrive
+        await heard_everything(engine, "polyqueue_new", heard)  # a (wrong) notification came before it
         assert heard == []
     assert await count(engine) == 0
 

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import enqueue, enqueue_many
-from tests.helpers import make_app, rows, scalar
+from tests.helpers import heard_everything, make_app, rows, scalar
 
 app = make_app()
 
@@ -83,7 +83,7 @@ async def test_duplicate_keys_keep_the_transaction_usable_and_notify_only_on_ins
         async with AsyncSession(engine) as session, session.begin():
             again = await enqueue_many(session, [Parcel(n=1)], unique_keys=["only"])
             assert await session.scalar(text("SELECT 1")) == 1  # no error left the transaction aborted
-        await asyncio.sleep(0.2)  # give a (wrong) notification time to arrive
+        await heard_everything(engine, "polyqueue_new", heard)  # a (wrong) notification came before it
         assert heard == []
     assert await scalar(engine, "SELECT id FROM polyqueue_jobs") == again[0]
 

@@ -71,7 +71,7 @@ def test_latest_slot_includes_now() -> None:
 async def test_each_slot_once_with_competing_leaders(engine: AsyncEngine) -> None:
     for step in range(4):  # 12:00, 12:02, 12:04, 12:06: slots 12:00 and 12:05 (and 12:00 hourly)
         now = T0 + dt.timedelta(minutes=2 * step)
-        await asyncio.gather(*(scheduler.run_once(engine, app, now) for _ in range(4)))
+        await asyncio.gather(*(scheduler.Scheduler(engine, app).run_once(now) for _ in range(4)))
     assert await _keys(engine) == [
         f"cron:cron_report:{T0.isoformat()}",
         f"cron:cron_tick:{T0.isoformat()}",
@@ -82,18 +82,18 @@ async def test_each_slot_once_with_competing_leaders(engine: AsyncEngine) -> Non
 
 
 async def test_a_finished_slot_is_not_enqueued_again(engine: AsyncEngine) -> None:
-    await scheduler.run_once(engine, app, T0)
+    await scheduler.Scheduler(engine, app).run_once(T0)
     async with engine.begin() as conn:  # the jobs ran: the partial unique index no longer covers them
         await conn.execute(text("UPDATE polyqueue_jobs SET status = 'succeeded', finished_at = now()"))
-    results = await asyncio.gather(*(scheduler.run_once(engine, app, T0) for _ in range(3)))
+    results = await asyncio.gather(*(scheduler.Scheduler(engine, app).run_once(T0) for _ in range(3)))
     assert results == [[], [], []]
     assert len(await _keys(engine)) == 2
 
 
 async def test_downtime_enqueues_only_the_latest_slot(engine: AsyncEngine) -> None:
-    await scheduler.run_once(engine, app, T0)
+    await scheduler.Scheduler(engine, app).run_once(T0)
     later = T0 + dt.timedelta(hours=3, minutes=7)  # down for 3 hours: 36 tick slots, 3 report slots missed
-    enqueued = await scheduler.run_once(engine, app, later)
+    enqueued = await scheduler.Scheduler(engine, app).run_once(later)
     assert sorted((e.schedule, e.slot) for e in enqueued) == [
         ("cron_report", T0 + dt.timedelta(hours=3)),
         ("cron_tick", T0 + dt.timedelta(hours=3, minutes=5)),

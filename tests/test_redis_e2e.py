@@ -190,7 +190,7 @@ async def _where(engine: AsyncEngine, condition: str, at_least: int) -> bool:
 
 
 async def test_a_relay_started_while_redis_is_down_waits_for_it(
-    engine: AsyncEngine, db_url: URL, redis_server: RedisServer
+    engine: AsyncEngine, db_url: URL, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A relay (re)started during a broker outage keeps retrying instead of exiting (found by the
     chaos runner: relays respawned during an outage died, and with them every delivery)."""
@@ -215,7 +215,12 @@ async def test_a_relay_started_while_redis_is_down_waits_for_it(
     )
     try:
         await enqueue_effects(engine, 20)
-        await asyncio.sleep(1.5)
+
+        async def relay_failed_twice() -> bool:
+            failures = [r for r in caplog.records if r.getMessage().startswith("relay: publishing to redis failed")]
+            return len(failures) >= 2 or relay.done()
+
+        await wait_until(relay_failed_twice, what="the relay to fail publishing twice")
         assert not relay.done(), relay.done() and relay.exception()
         await redis_server.start()
         await wait_all_terminal(engine, 20, timeout=60)
@@ -235,8 +240,11 @@ async def test_a_relay_blocked_on_a_silent_broker_still_stops(engine: AsyncEngin
     from polyqueue.relay import STOP_GRACE
     from tests.services import url_str
 
+    swallowed = asyncio.Event()
+
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await reader.read(65536):
+            swallowed.set()
             pass  # read everything, answer nothing
         writer.close()
 
@@ -249,7 +257,7 @@ async def test_a_relay_blocked_on_a_silent_broker_still_stops(engine: AsyncEngin
         )
         stopping = asyncio.Event()
         relay = asyncio.create_task(run_relay(relay_app, engine=engine, stopping=stopping))
-        await asyncio.sleep(1.0)
+        await asyncio.wait_for(swallowed.wait(), 20)  # the relay is talking to the silent broker
         assert not relay.done()
         stopping.set()
         started = time.monotonic()

@@ -1,6 +1,6 @@
 """Periodic jobs: enqueue each due cron slot of an app's schedules exactly once.
 
-For each schedule, :func:`run_once` takes the latest slot at or before ``now`` and
+For each schedule, :meth:`Scheduler.run_once` takes the latest slot at or before ``now`` and
 enqueues it with ``unique_key = "cron:{name}:{slot}"`` unless a job with that key ever
 existed. So a scheduler that was down over several slots enqueues one job, for the
 latest, not one per missed slot; and two leaders racing in a failover never enqueue a
@@ -22,15 +22,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from polyqueue._service import Service
 from polyqueue.enqueue import enqueue
 from polyqueue.queries.schedule import schedule_lock_slot, schedule_slot_taken
 from polyqueue.registry import Polyqueue, Schedule
+from polyqueue.retry import Backoff
 
-__all__ = ["CLOCK_SKEW", "Enqueued", "Scheduler", "latest_slot", "run_once", "slot_key"]
+__all__ = ["CLOCK_SKEW", "Enqueued", "Scheduler", "latest_slot", "slot_key"]
 
 log = logging.getLogger("polyqueue.scheduler")
 
@@ -96,14 +98,19 @@ async def _settle(engine: AsyncEngine, schedule: Schedule, slot: dt.datetime) ->
         return job_id
 
 
-@dataclass
-class Scheduler:
-    """Enqueues due slots of ``app``'s schedules; remembers the slots it settled."""
+class Scheduler(Service[list[Enqueued]]):
+    """Enqueues due slots of ``app``'s schedules; remembers the slots it settled. One of the
+    passes the maintenance leader runs (``interval`` and ``backoff`` apply when run alone)."""
 
-    app: Polyqueue
-    settled: dict[str, dt.datetime] = field(default_factory=dict)
+    name = "schedules"
 
-    async def run_once(self, engine: AsyncEngine, now: dt.datetime | None = None) -> list[Enqueued]:
+    def __init__(self, engine: AsyncEngine, app: Polyqueue, *, interval: float = 1.0) -> None:
+        super().__init__(interval=interval, backoff=Backoff(base=interval), log=log)
+        self.engine = engine
+        self.app = app
+        self.settled: dict[str, dt.datetime] = {}
+
+    async def run_once(self, now: dt.datetime | None = None) -> list[Enqueued]:
         """One pass: for each schedule, its latest slot at or before ``now`` (default: the clock)."""
         now = now or dt.datetime.now(dt.UTC)
         if now.tzinfo is None:
@@ -114,14 +121,9 @@ class Scheduler:
             last = self.settled.get(schedule.name)
             if last is not None and slot <= last:
                 continue
-            job_id = await _settle(engine, schedule, slot)
+            job_id = await _settle(self.engine, schedule, slot)
             self.settled[schedule.name] = slot
             if job_id is not None:
                 log.info("enqueued %s for %s (job %s)", schedule.name, slot.isoformat(), job_id)
                 out.append(Enqueued(schedule.name, slot, job_id))
         return out
-
-
-async def run_once(engine: AsyncEngine, app: Polyqueue, now: dt.datetime | None = None) -> list[Enqueued]:
-    """Enqueue the latest due slot of each of ``app``'s schedules that was never enqueued."""
-    return await Scheduler(app).run_once(engine, now)

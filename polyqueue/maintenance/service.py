@@ -1,6 +1,6 @@
 """The maintenance loop: one leader at a time (a lease row in ``polyqueue_leader``), each
-pass running the services' ``run_once`` — rescue, re-dispatch, prune, and the app's
-periodic jobs (``scheduler``).
+pass running the ``run_once`` of the leader's services (:mod:`polyqueue.maintenance.passes`:
+rescue, re-dispatch, prune, queue depth; and the app's periodic jobs, ``scheduler``).
 
 Leadership is a lease, in every pool mode: one ``INSERT ... ON CONFLICT DO UPDATE`` takes
 the row when it is free or expired and renews it when it is already ours, with database
@@ -19,7 +19,6 @@ there).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -29,10 +28,18 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._aio import wait_any
+from polyqueue._service import Service
+from polyqueue.maintenance.passes import (
+    DepthReporter,
+    MaintenancePass,
+    Pruner,
+    Redispatcher,
+    Rescuer,
+    maintenance_backoff,
+)
 from polyqueue.maintenance.scheduler import Scheduler
 from polyqueue.metrics import GuardedMetrics
-from polyqueue.queries import job_count_live, job_prune, job_redispatch_stale, job_rescue, leader_resign, leader_take
+from polyqueue.queries import leader_resign, leader_take
 from polyqueue.registry import Polyqueue
 from polyqueue.settings import Settings
 
@@ -61,8 +68,10 @@ class MaintenanceResult:
     scheduled: list[tuple[str, str]] = field(default_factory=list)  # (schedule name, slot) enqueued
 
 
-class Maintenance:
-    """Runs maintenance passes while this process holds the leader lease."""
+class Maintenance(Service[MaintenanceResult]):
+    """Runs the maintenance passes while this process holds the leader lease."""
+
+    name = "maintenance"
 
     def __init__(
         self,
@@ -72,15 +81,19 @@ class Maintenance:
         app: Polyqueue | None = None,
     ) -> None:
         """With ``app``, each pass also enqueues the due slots of ``app.schedules``."""
+        super().__init__(interval=settings.maintenance_interval, backoff=maintenance_backoff(settings), log=log)
         self.engine = engine
-        self.scheduler = Scheduler(app) if app is not None else None
         self.settings = settings
         self.metrics = metrics or GuardedMetrics(None)
+        self.rescuer = Rescuer(engine, settings, self.metrics)
+        self.redispatcher = Redispatcher(engine, settings, self.metrics)
+        self.pruner = Pruner(engine, settings, self.metrics)
+        self.depth = DepthReporter(engine, settings, self.metrics)
+        self.scheduler = Scheduler(engine, app, interval=settings.maintenance_interval) if app is not None else None
         #: Who this process is in ``polyqueue_leader.holder``: host, pid and a unique suffix.
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._leading = False
         self._ever_led = False
-        self._reported_depth: set[tuple[str, str]] = set()
 
     @property
     def is_leader(self) -> bool:
@@ -88,32 +101,36 @@ class Maintenance:
         return self._leading
 
     async def run_once(self) -> MaintenanceResult:
-        """One pass, leader or not (tests and ``polyqueue admin`` call it directly)."""
-        s = self.settings
+        """One pass of every service, leader or not (tests and ``polyqueue admin`` call it
+        directly). A service that fails does not keep the others from their turn; the first
+        failure is raised once all had it."""
         result = MaintenanceResult()
-        async with self.engine.begin() as conn:
-            rescued = await job_rescue(conn, dead_after=s.worker_dead_after, timeout_grace=s.timeout_grace)
-        result.rescued = [(str(i), st) for i, st, _ in rescued]
-        for job_id, status, _ in rescued:
-            log.warning("rescued job %s → %s", job_id, status)
-        for (queue, status), count in collections.Counter((q, st) for _, st, q in rescued).items():
-            self.metrics.job_rescued(queue, status, count)
-        async with self.engine.begin() as conn:
-            result.redispatched = await job_redispatch_stale(conn, older_than=s.redispatch_after)
-        if result.redispatched:
-            log.warning("re-dispatched %d jobs enqueued longer than %.0fs", result.redispatched, s.redispatch_after)
-        async with self.engine.begin() as conn:
-            result.pruned = await job_prune(conn, older_than=s.retention_seconds)
-            depth = await job_count_live(conn)
-        seen = {(q, st) for q, st, _ in depth}
-        for queue, status, count in depth:
-            self.metrics.queue_depth(queue, status, count)
-        for queue, status in self._reported_depth - seen:  # drained since the last sample: report 0
-            self.metrics.queue_depth(queue, status, 0)
-        self._reported_depth = seen
+        errors: list[Exception] = []
+
+        async def turn(service: MaintenancePass | Scheduler) -> object:
+            try:
+                outcome = await service.run_once()
+            except Exception as exc:
+                log.warning("maintenance: %s failed: %s", service.name, exc)
+                service.failures.fire()
+                errors.append(exc)
+                return None
+            service.passes.fire()
+            return outcome
+
+        rescued = await turn(self.rescuer)
+        redispatched = await turn(self.redispatcher)
+        pruned = await turn(self.pruner)
+        await turn(self.depth)
+        result.rescued = rescued if isinstance(rescued, list) else []
+        result.redispatched = redispatched if isinstance(redispatched, int) else 0
+        result.pruned = pruned if isinstance(pruned, int) else 0
         if self.scheduler is not None and self.scheduler.app.schedules:
-            enqueued = await self.scheduler.run_once(self.engine)
-            result.scheduled = [(e.schedule, e.slot.isoformat()) for e in enqueued]
+            enqueued = await turn(self.scheduler)
+            if isinstance(enqueued, list):
+                result.scheduled = [(e.schedule, e.slot.isoformat()) for e in enqueued]
+        if errors:
+            raise errors[0]
         return result
 
     async def _try_lead(self) -> bool:
@@ -143,16 +160,17 @@ class Maintenance:
         except Exception as exc:  # it expires by itself
             log.warning("could not give up the maintenance lease (it expires by itself): %s", exc)
 
-    async def run(self, stopping: asyncio.Event) -> None:
+    async def _attempt(self, stop: asyncio.Event) -> MaintenanceResult:
+        """Take or renew the lease; lead a pass if it is ours."""
+        return await self.run_once() if await self._try_lead() else MaintenanceResult()
+
+    def _failed(self, exc: Exception, delay: float) -> None:
+        log.warning("maintenance pass failed: %s", exc)
+
+    async def run(self, stop: asyncio.Event) -> None:
         """Every ``maintenance_interval``: if leader (or once leadership is won), run a pass."""
         try:
-            while not stopping.is_set():
-                try:
-                    if await self._try_lead():
-                        await self.run_once()
-                except Exception as exc:
-                    log.warning("maintenance pass failed: %s", exc)
-                await wait_any(stopping, seconds=self.settings.maintenance_interval)
+            await super().run(stop)
         finally:
             await self._resign_even_if_cancelled()
 

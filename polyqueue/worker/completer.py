@@ -16,12 +16,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from polyqueue._conn import HeldConnection
 from polyqueue._redact import error_record
 from polyqueue.queries import Outcome, job_complete_many
+from polyqueue.retry import Backoff
 from polyqueue.types import JobStatus
 from polyqueue.worker.executor import hide_sql_parameters
 
 __all__ = ["Completer"]
 
 log = logging.getLogger("polyqueue.worker")
+
+#: Waits between tries to write outcomes while Postgres is away: 0.1 s doubling to 5 s, jittered.
+WRITE_BACKOFF = Backoff(base=0.1, factor=2.0, maximum=5.0)
 
 #: Called after a flush with whether the outcome was written (False: the attempt was no longer owned).
 AfterWrite = Callable[[Outcome, bool], Awaitable[None] | None]
@@ -131,7 +135,7 @@ class Completer:
                 return
 
     async def _flush_with_retry(self) -> None:
-        delay = 0.1
+        failures = 0
         while self._buffer:
             try:
                 await self.flush()
@@ -142,9 +146,10 @@ class Completer:
                     await self._isolate()
                     continue
                 # Connection lost, Postgres restarting: keep the outcomes, try again.
+                failures += 1
+                delay = WRITE_BACKOFF.delay(failures)
                 log.warning("writing %d job outcomes failed, retrying in %.1fs: %s", len(self._buffer), delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def _isolate(self) -> None:
         """Write the next batch's outcomes one at a time; one that Postgres refuses (a value out of

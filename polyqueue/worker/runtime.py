@@ -17,12 +17,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._aio import bounded, wait_any, wait_any_future
+from polyqueue._service import Service
 from polyqueue.context import JobContext
 from polyqueue.db import while_unreachable
 from polyqueue.listener import Listener
@@ -41,6 +42,7 @@ from polyqueue.queries import (
     worker_stop,
 )
 from polyqueue.registry import Polyqueue
+from polyqueue.retry import Backoff
 from polyqueue.worker.completer import Completer
 from polyqueue.worker.executor import execute, retry_or_fail
 from polyqueue.worker.sources import Claim, JobSource
@@ -66,6 +68,21 @@ def _outcome_name(outcome: Outcome) -> str:
     if outcome.error_type == "TimeLimitExceeded":
         return "timed_out"
     return "retried" if outcome.status == "pending" else outcome.status
+
+
+class Heartbeat(Service[None]):
+    """The worker's heartbeat, every ``interval`` seconds, failures retried at the same pace
+    (a worker that beats less often than that risks being declared dead)."""
+
+    name = "heartbeat"
+    rest_first = True  # registering was the first beat
+
+    def __init__(self, beat: Callable[[], Awaitable[None]], interval: float) -> None:
+        super().__init__(interval=interval, backoff=Backoff(base=interval, factor=1.0, jitter=False), log=log)
+        self._beat = beat
+
+    async def run_once(self) -> None:
+        await self._beat()
 
 
 class Worker:
@@ -115,6 +132,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self.processed = 0
+        self.heartbeat = Heartbeat(self._beat, s.heartbeat_interval)
+        #: Set once the worker is registered and claiming (tests await it).
+        self.started = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -130,7 +150,7 @@ class Worker:
         """Run until :meth:`stop`; with ``burst``, also once no job is due and none is running."""
         await while_unreachable(self._register, wait=self.settings.startup_wait, what="registering the worker")
         self.completer.start()
-        self._background.append(asyncio.create_task(self._heartbeat_loop(), name="polyqueue-heartbeat"))
+        self._background.append(asyncio.create_task(self.heartbeat.run(self._stopping), name="polyqueue-heartbeat"))
         watchdog = LoopWatchdog(self.settings.blocked_loop_threshold, self._on_loop_blocked)
         self._background.append(asyncio.create_task(watchdog.run(), name="polyqueue-watchdog"))
         log.info(
@@ -140,6 +160,7 @@ class Worker:
             self.concurrency,
             self.backend,
         )
+        self.started.set()
         try:
             await self._fetch_loop(burst)
         finally:
@@ -157,23 +178,18 @@ class Worker:
                 concurrency=self.concurrency,
             )
 
-    async def _heartbeat_loop(self) -> None:
-        while not self._stopping.is_set():
-            if await wait_any(self._stopping, seconds=self.settings.heartbeat_interval):
-                return
-            try:
-                async with self.engine.begin() as conn:
-                    alive = await worker_heartbeat(conn, self.worker_id)
-                if not alive:
-                    # Declared dead (we were frozen or cut off): our jobs were rescued. Their late
-                    # outcomes will be refused by the ownership guard; come back as a new worker.
-                    old, self.worker_id = self.worker_id, uuid.uuid4()
-                    log.error("worker %s was declared dead by maintenance; re-registering as %s", old, self.worker_id)
-                    await self._register()
-                else:
-                    await self._reconcile()
-            except Exception as exc:
-                log.warning("heartbeat failed: %s", exc)
+    async def _beat(self) -> None:
+        """One heartbeat: prove we are alive, then reconcile what runs here with Postgres."""
+        async with self.engine.begin() as conn:
+            alive = await worker_heartbeat(conn, self.worker_id)
+        if not alive:
+            # Declared dead (we were frozen or cut off): our jobs were rescued. Their late
+            # outcomes will be refused by the ownership guard; come back as a new worker.
+            old, self.worker_id = self.worker_id, uuid.uuid4()
+            log.error("worker %s was declared dead by maintenance; re-registering as %s", old, self.worker_id)
+            await self._register()
+        else:
+            await self._reconcile()
 
     async def _reconcile(self) -> None:
         """Make what runs here agree with Postgres.
