@@ -320,12 +320,19 @@ def encode_message(message: Message) -> bytes:
     return json.dumps({"id": str(message.job_id), "queue": message.queue}, separators=(",", ":")).encode()
 
 
+#: Brackets a message body may hold before it is refused unparsed: ours is one flat object.
+MAX_MESSAGE_BRACKETS = 16
+
+
 def decode_message(body: bytes | str, *, queue: str, handle: Any = None, delivery_count: int = 1) -> Delivery:
     """Parse a message body; a malformed one yields a ``Delivery`` with ``job_id=None`` and ``error`` set.
 
     Never raises (guarantee 7: one malformed delivery never touches another). A body of 2,000
-    ``[`` is within the size cap yet makes ``json.loads`` raise ``RecursionError``: that and any
-    other surprise of the parser are a malformed body like the rest.
+    ``[`` is within the size cap yet would make ``json.loads`` raise ``RecursionError``: a body
+    with more brackets than a message of ours can hold is refused before it is parsed (Python
+    3.11 before 3.11.8 can leave its recursion accounting off after a ``RecursionError``, and
+    a later ``compile()`` in the process then fails with ``SystemError``). Any other surprise
+    of the parser is a malformed body like the rest.
     """
 
     def bad(reason: str) -> Delivery:
@@ -334,6 +341,9 @@ def decode_message(body: bytes | str, *, queue: str, handle: Any = None, deliver
     try:
         if len(body) > MAX_MESSAGE_BYTES:
             return bad(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        brackets = body.count(b"[") + body.count(b"{") if isinstance(body, bytes) else body.count("[") + body.count("{")
+        if brackets > MAX_MESSAGE_BRACKETS:
+            return bad(f"not JSON of ours: {brackets} brackets (nested too deep)")
         data = json.loads(body)
     except RecursionError:
         return bad("not JSON: nested too deep")
