@@ -5,7 +5,9 @@ reaches its broker through its job source only: a handler's ``ctx.heartbeat()`` 
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from typing import Any, cast
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -19,10 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import JobContext, Polyqueue, enqueue
 from polyqueue.brokers import BrokerFacade, make_broker
-from polyqueue.brokers.base import Message
+from polyqueue.brokers.base import Delivery, Message
 from polyqueue.brokers.memory import MemoryBroker
 from polyqueue.brokers.redis import RedisBroker
 from polyqueue.errors import BrokerError, LeaseLostError
+from polyqueue.worker.sources import BrokerSource, Claim
 from tests.helpers import make_app, running_worker, scalar, wait_until
 from tests.redis_service import RedisServer
 
@@ -204,3 +207,31 @@ async def test_a_handlers_heartbeat_extends_its_lease_through_the_job_source(
         await broker.close()
     extends = [ok for op, _, _, ok in recorder.calls if op == "extend"]
     assert extends == [True, True, True]
+
+
+class SlowAcks(MemoryBroker):
+    """The in-process broker, with acks that take a while (a broker far away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acked: list[uuid.UUID | None] = []
+        self.acking = asyncio.Event()
+
+    async def ack(self, delivery: Delivery) -> None:
+        self.acking.set()
+        await asyncio.sleep(0.3)
+        self.acked.append(delivery.job_id)
+
+
+async def test_acks_in_flight_when_the_source_closes_still_land(engine: AsyncEngine) -> None:
+    """A worker stopping right after its last jobs finished cancelled the batch of acks then in
+    flight: those deliveries came back after their lease for nothing (seen as a message left in
+    PGMQ after every job had succeeded). Closing the source now lets the batch finish."""
+    broker = SlowAcks()
+    source = BrokerSource(engine, BrokerFacade(broker), ["default"], 30.0)
+    first, second = Delivery(uuid.uuid4(), "default"), Delivery(uuid.uuid4(), "default")
+    await source.done(Claim(cast(Any, None), first))
+    await asyncio.wait_for(broker.acking.wait(), 10)
+    await source.done(Claim(cast(Any, None), second))  # queued behind the batch in flight
+    await asyncio.wait_for(source.close(), 10)
+    assert broker.acked == [first.job_id, second.job_id]

@@ -131,6 +131,7 @@ class BrokerSource:
         self._acks: list[Delivery] = []
         self._ack_wakeup = asyncio.Event()
         self._ack_task: asyncio.Task[None] | None = None
+        self._ack_closing = False
 
     async def fetch(self, worker_id: uuid.UUID, limit: int, wait: float) -> list[Claim]:
         try:
@@ -172,6 +173,8 @@ class BrokerSource:
             await self._ack_wakeup.wait()
             self._ack_wakeup.clear()
             await self._send_acks()
+            if self._ack_closing:
+                return
 
     async def _send_acks(self) -> None:
         batch, self._acks = self._acks, []
@@ -235,10 +238,13 @@ class BrokerSource:
             return True
 
     async def close(self) -> None:
+        """Send the acks still due, then let go. A batch of acks in flight is let finish, not
+        cancelled: cut off, its deliveries would come back after their lease for nothing."""
         if self._ack_task is not None:
-            self._ack_task.cancel()
+            self._ack_closing = True
+            self._ack_wakeup.set()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._ack_task
+                await self._ack_task  # the caller bounds close()
             self._ack_task = None
         await self._send_acks()
         await self._conn.close()
