@@ -21,6 +21,7 @@ import collections
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -119,10 +120,14 @@ class Relay(Service[int]):
                 await self.broker.publish_in(conn, messages)  # commits or rolls back with the mark below
             else:
                 await self.broker.publish(messages)
-            await job_mark_enqueued(conn, [r.id for r in rows])
+            await self._mark(conn, [r.id for r in rows])
         for queue, count in collections.Counter(r.queue for r in rows).items():
             self.metrics.job_dispatched(queue, count)
         return len(rows)
+
+    async def _mark(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> None:
+        """Mark published jobs ``enqueued`` in the batch's transaction (tests make a relay die here)."""
+        await job_mark_enqueued(conn, ids)
 
     async def _take(self, conn: AsyncConnection) -> list[Dispatchable]:
         """A batch of due pending jobs, none beyond a queue's room under ``max_enqueued``."""

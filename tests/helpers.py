@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,12 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from polyqueue import Polyqueue, enqueue
 from polyqueue.brokers.base import Broker, BrokerAdapter
 from polyqueue.queries import job_claim_pending, worker_register
+from polyqueue.relay import Relay
 from polyqueue.runner import WorkerProcess
 from tests.services import url_str
 
@@ -163,22 +164,12 @@ class Crash(Exception):
     """A process dying between two statements of a transaction."""
 
 
-@contextlib.contextmanager
-def relay_dies_before_its_mark() -> Iterator[None]:
-    """Within the block a relay's ``run_once`` publishes, then raises :class:`Crash` instead of
-    marking its jobs ``enqueued``: its transaction rolls back, as when the process dies there."""
-    import polyqueue.relay
+class RelayDyingBeforeItsMark(Relay):
+    """A relay whose ``run_once`` publishes, then raises :class:`Crash` instead of marking its
+    jobs ``enqueued``: its transaction rolls back, as when the process dies there."""
 
-    real = polyqueue.relay.job_mark_enqueued
-
-    async def crash(*_args: object, **_kwargs: object) -> None:
+    async def _mark(self, conn: AsyncConnection, ids: list[uuid.UUID]) -> None:
         raise Crash
-
-    polyqueue.relay.job_mark_enqueued = crash  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        polyqueue.relay.job_mark_enqueued = real
 
 
 async def assert_exactly_once(engine: AsyncEngine, count: int) -> None:

@@ -32,9 +32,9 @@ from tests.apps.effects import EFFECTS_DDL, Effect
 from tests.brokers.harness_pgmq import pgmq_database, set_connectable
 from tests.helpers import (
     Crash,
+    RelayDyingBeforeItsMark,
     assert_exactly_once,
     enqueue_effects,
-    relay_dies_before_its_mark,
     scalar,
     spawn_worker,
     stop_processes,
@@ -218,8 +218,8 @@ async def test_relay_crash_between_publish_and_mark_leaves_no_message(pgmq_engin
         await broker.ensure(["default"])
         await enqueue_effects(pgmq_engine, 5)
 
-        with relay_dies_before_its_mark(), pytest.raises(Crash):
-            await Relay(pgmq_engine, broker, None, app.settings).run_once()
+        with pytest.raises(Crash):
+            await RelayDyingBeforeItsMark(pgmq_engine, broker, None, app.settings).run_once()
         assert await _queued(pgmq_engine) == 0
         assert await Relay(pgmq_engine, broker, None, app.settings).run_once() == 5
         assert await _queued(pgmq_engine) == 5

@@ -30,10 +30,10 @@ from polyqueue.relay import Relay
 from tests.apps.effects import Effect
 from tests.helpers import (
     Crash,
+    RelayDyingBeforeItsMark,
     assert_exactly_once,
     create_effect_tables,
     enqueue_effects,
-    relay_dies_before_its_mark,
     scalar,
     spawn_worker,
     stop_processes,
@@ -269,8 +269,8 @@ async def test_duplicate_detection_drops_a_relays_republish_never_a_redispatch(
     await create_effect_tables(engine)
     await enqueue_effects(engine, 5)
     try:
-        with relay_dies_before_its_mark(), pytest.raises(Crash):
-            await Relay(engine, broker, None, app.settings).run_once()
+        with pytest.raises(Crash):
+            await RelayDyingBeforeItsMark(engine, broker, None, app.settings).run_once()
         assert peer.outstanding(entity) == 5  # published; the mark rolled back, so the jobs are still pending
         assert await Relay(engine, broker, None, app.settings).run_once() == 5  # the same dispatches again
         assert (peer.outstanding(entity), peer.duplicates_dropped(entity)) == (5, 5)
