@@ -29,9 +29,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package."""
+    """mypy --strict on the package and the tests; import-linter on the layers."""
     session.install("-e", ".[dev]")
     session.run("mypy", "-p", "polyqueue")
+    session.run("mypy", "--strict", "tests")
+    session.run("lint-imports")
 
 
 #: e2e and latency through each broker after the full run on the default backend, sized to what

@@ -174,7 +174,7 @@ def _as_sqlalchemy_error(error: Exception) -> Exception:
     from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
     from sqlalchemy.exc import DBAPIError
 
-    adapted: Exception = AsyncAdapt_asyncpg_dbapi.InternalClientError(str(error))
+    adapted: Exception = AsyncAdapt_asyncpg_dbapi.InternalClientError(str(error))  # type: ignore[no-untyped-call]
     adapted.__cause__ = error
     return DBAPIError.instance("show transaction isolation level", None, adapted, AsyncAdapt_asyncpg_dbapi.Error)
 

@@ -72,7 +72,7 @@ async def test_a_statement_the_server_never_answers_fails_the_attempt_and_the_jo
     try:
 
         async def succeeded() -> bool:
-            return await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :i", i=job) == "succeeded"
+            return bool(await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :i", i=job) == "succeeded")
 
         await wait_until(succeeded, timeout=20, what="the retry to succeed")
     finally:

@@ -48,6 +48,7 @@ async def count(engine: AsyncEngine) -> int:
 async def test_rollback_leaves_no_job_and_no_notify(engine: AsyncEngine) -> None:
     async with engine.connect() as listener:
         raw = (await listener.get_raw_connection()).driver_connection
+        assert raw is not None
         heard: list[str] = []
         await raw.add_listener("polyqueue_new", lambda *a: heard.append(a[-1]))
         async with AsyncSession(engine) as session:
@@ -63,6 +64,7 @@ async def test_rollback_leaves_no_job_and_no_notify(engine: AsyncEngine) -> None
 async def test_commit_persists_defaults_and_notifies(engine: AsyncEngine) -> None:
     async with engine.connect() as listener:
         raw = (await listener.get_raw_connection()).driver_connection
+        assert raw is not None
         heard = asyncio.Event()
         await raw.add_listener("polyqueue_new", lambda *a: heard.set())
         async with AsyncSession(engine) as session, session.begin():

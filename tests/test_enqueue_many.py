@@ -78,6 +78,7 @@ async def test_duplicate_keys_keep_the_transaction_usable_and_notify_only_on_ins
         await enqueue_many(session, [Parcel(n=1)], unique_keys=["only"])
     async with engine.connect() as listener:
         raw = (await listener.get_raw_connection()).driver_connection
+        assert raw is not None
         heard: list[str] = []
         await raw.add_listener("polyqueue_new", lambda *a: heard.append(a[-1]))
         async with AsyncSession(engine) as session, session.begin():

@@ -84,7 +84,8 @@ async def test_completion_joins_on_the_primary_key_beside_many_running_jobs(engi
 
     from polyqueue._conn import HeldConnection
     from polyqueue.queries._base import CHANNEL_PARAMS
-    from polyqueue.queries.jobs import _COMPLETE_MANY, NOTIFY_IDS_PER_PAYLOAD
+    from polyqueue.queries.jobs import _COMPLETE_MANY
+    from polyqueue.types import NOTIFY_IDS_PER_PAYLOAD
 
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -31,6 +31,7 @@ from polyqueue.queries import (
     job_rescue,
     worker_register,
 )
+from polyqueue.types import JobStatus
 from polyqueue.worker.executor import error_record
 from tests import services
 
@@ -83,7 +84,7 @@ async def _apply(world: World, op: str, actor: int, target: int) -> None:
             world.held[actor] += await job_claim_pending(conn, w, ["default"], 1)
         elif op in ("succeed", "fail", "retry") and world.held[actor]:
             job = world.held[actor].pop(0)  # may be long stale: the guard must refuse it
-            status = {"succeed": "succeeded", "fail": "failed", "retry": "pending"}[op]
+            status = {"succeed": JobStatus.SUCCEEDED, "fail": JobStatus.FAILED, "retry": JobStatus.PENDING}[op]
             err = None if op == "succeed" else error_record(job.attempt, "X", op)
             await job_complete_many(conn, [Outcome(job.id, job.attempt, job.worker_id, status, "1", err)])
         elif op == "hand_back" and world.held[actor]:

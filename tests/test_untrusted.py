@@ -28,6 +28,7 @@ from polyqueue.db import make_engine
 from polyqueue.maintenance.service import Maintenance
 from polyqueue.queries import CANCEL_CHANNEL, DONE_CHANNEL, Outcome, job_claim_pending, job_complete_many
 from polyqueue.runner import WorkerProcess
+from polyqueue.types import JobStatus
 from tests.helpers import make_app, rows, running_worker, scalar, wait_until
 from tests.redis_service import RedisServer
 
@@ -138,7 +139,7 @@ async def intruder(db_url: URL) -> AsyncIterator[AsyncEngine]:
 
 async def _running(engine: AsyncEngine, job_id: uuid.UUID) -> None:
     async def check() -> bool:
-        return await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :id", id=job_id) == "running"
+        return bool(await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :id", id=job_id) == "running")
 
     await wait_until(check, what="the job to run")
 
@@ -268,7 +269,7 @@ async def test_a_job_failed_by_maintenance_wakes_its_waiter(engine: AsyncEngine)
     await Maintenance(engine, app.settings).run_once()
     with pytest.raises(JobFailedError) as failed:
         await asyncio.wait_for(waiter, 30)  # only the NOTIFY can wake it this early
-    assert failed.value.status == "failed" and failed.value.last_error["type"] == "WorkerLost"
+    assert failed.value.status == "failed" and (failed.value.last_error or {}).get("type") == "WorkerLost"
 
 
 async def test_a_large_completion_batch_notifies_every_finished_job(engine: AsyncEngine) -> None:
@@ -294,7 +295,7 @@ async def test_a_large_completion_batch_notifies_every_finished_job(engine: Asyn
 
         await raw.add_listener(DONE_CHANNEL, on_done)
         async with engine.begin() as conn:
-            outcomes = [Outcome(j.id, j.attempt, worker_id, "succeeded", result_json="1") for j in claimed]
+            outcomes = [Outcome(j.id, j.attempt, worker_id, JobStatus.SUCCEEDED, result_json="1") for j in claimed]
             written = await job_complete_many(conn, outcomes)
         assert len(written) == 500
         await asyncio.wait_for(everything.wait(), 20)

@@ -24,6 +24,7 @@ from polyqueue import (
 )
 from polyqueue.brokers.memory import MemoryBroker
 from polyqueue.queries import Outcome, job_claim_pending, job_complete_many
+from polyqueue.types import JobStatus
 from polyqueue.worker.executor import error_record
 from tests.helpers import make_app, rows, running_worker, scalar, wait_all_terminal
 
@@ -268,12 +269,14 @@ async def test_late_finisher_of_a_reaped_job_changes_nothing(engine: AsyncEngine
         [again] = await job_claim_pending(conn, other, ["default"], 10)
     assert again.attempt == 2
     async with engine.begin() as conn:  # the first worker wakes up and reports success
-        written = await job_complete_many(conn, [Outcome(job.id, job.attempt, me, "succeeded", result_json="1")])
+        written = await job_complete_many(
+            conn, [Outcome(job.id, job.attempt, me, JobStatus.SUCCEEDED, result_json="1")]
+        )
     assert written == set()
     assert await scalar(engine, "SELECT status FROM polyqueue_jobs") == "running"
     async with engine.begin() as conn:
         error = error_record(2, "X", "y")
-        written = await job_complete_many(conn, [Outcome(job.id, 2, other, "failed", error_json=error)])
+        written = await job_complete_many(conn, [Outcome(job.id, 2, other, JobStatus.FAILED, error_json=error)])
     assert written == {job.id}
 
 
