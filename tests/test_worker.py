@@ -418,3 +418,20 @@ async def test_size_limits_are_configurable_with_clear_errors(engine: AsyncEngin
     assert (status, attempt, errors[0]["type"]) == ("failed", 1, "ResultTooLarge")
     assert "max_result_bytes" in str(errors[0]["message"])
     assert (await status_of(engine, ok))[0] == "succeeded"
+
+
+async def test_registering_again_after_a_lost_reply_is_harmless(engine: AsyncEngine) -> None:
+    """A worker retries its registration while Postgres is unreachable; when the first INSERT
+    committed but its reply was lost, the retry must not fail on the duplicate key (a chaos run's
+    worker exited on it during a Postgres restart)."""
+    import uuid
+
+    from polyqueue.queries import worker_register
+
+    me = uuid.uuid4()
+    for _ in range(2):
+        async with engine.begin() as conn:
+            await worker_register(
+                conn, worker_id=me, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
+            )
+    assert await scalar(engine, "SELECT count(*) FROM polyqueue_workers WHERE id = :w", w=me) == 1

@@ -26,11 +26,15 @@ async def worker_register(
     broker: str,
     concurrency: int,
 ) -> None:
-    """Insert this worker's registry row (status running)."""
+    """Insert this worker's registry row (status running). Idempotent: registering is retried
+    while the database is unreachable, and a retry after an INSERT whose reply was lost (the
+    connection cut as it committed) finds the row there already (the chaos run's Postgres
+    restarts made such a worker exit on the duplicate key)."""
     await conn.execute(
         text(
             "INSERT INTO polyqueue_workers (id, hostname, pid, queues, broker, concurrency, status) "
-            "VALUES (:id, :hostname, :pid, CAST(:queues AS text[]), :broker, :concurrency, 'running')"
+            "VALUES (:id, :hostname, :pid, CAST(:queues AS text[]), :broker, :concurrency, 'running') "
+            "ON CONFLICT (id) DO NOTHING"
         ),
         {
             "id": worker_id,
