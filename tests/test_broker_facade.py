@@ -21,11 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from polyqueue import JobContext, Polyqueue, enqueue
 from polyqueue.brokers import BrokerFacade, make_broker
-from polyqueue.brokers.base import Delivery, Message
+from polyqueue.brokers.base import Capabilities, Delivery, Message
 from polyqueue.brokers.memory import MemoryBroker
 from polyqueue.brokers.redis import RedisBroker
 from polyqueue.errors import BrokerError, LeaseLostError
-from polyqueue.worker.sources import BrokerSource, Claim
+from polyqueue.worker.sources import KEEPALIVE_STOP_WAIT, BrokerSource, Claim
 from tests.helpers import make_app, running_worker, scalar, wait_until
 from tests.redis_service import RedisServer
 
@@ -236,3 +236,38 @@ async def test_acks_in_flight_when_the_source_closes_still_land(engine: AsyncEng
     await source.done(Claim(cast(Any, None), second))  # queued behind the batch in flight
     await asyncio.wait_for(source.close(), 10)
     assert broker.acked == [first.job_id, second.job_id]
+
+
+class StubbornLeases(MemoryBroker):
+    """The in-process broker with leases whose renewal ignores the first cancel (as a broker
+    SDK stuck on a dead link may)."""
+
+    capabilities = Capabilities(lease=True, survives_restart=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extending = asyncio.Event()
+
+    async def extend(self, delivery: Delivery, seconds: float) -> None:
+        self.extending.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)
+
+
+async def test_a_lease_renewal_that_ignores_cancel_does_not_hold_the_job(engine: AsyncEngine) -> None:
+    """A finished job waited for its lease renewal to stop, unbounded: a renewal stuck in a
+    broker SDK kept a succeeded job from completing for minutes (a chaos run on Service Bus)."""
+    broker = StubbornLeases()
+    source = BrokerSource(engine, BrokerFacade(broker), ["default"], 0.3)
+    claim = Claim(cast(Any, None), Delivery(uuid.uuid4(), "default"))
+    loop = asyncio.get_running_loop()
+    async with source.keepalive(claim):
+        await asyncio.wait_for(broker.extending.wait(), 10)
+        left = loop.time()
+    assert loop.time() - left < KEEPALIVE_STOP_WAIT + 1.0
+    stuck = list(source._abandoned)
+    assert len(stuck) == 1
+    stuck[0].cancel()  # the second cancel ends it (for the test's leak check)
+    await asyncio.gather(*stuck, return_exceptions=True)

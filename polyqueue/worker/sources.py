@@ -31,6 +31,10 @@ __all__ = ["BrokerSource", "Claim", "DirectSource", "JobSource"]
 log = logging.getLogger("polyqueue.worker")
 
 
+#: How long a finished job waits for its lease renewal to stop before going on without it.
+KEEPALIVE_STOP_WAIT = 2.0
+
+
 @dataclass(slots=True)
 class Claim:
     """A job this worker owns, and the broker delivery that brought it (None in direct mode)."""
@@ -132,6 +136,7 @@ class BrokerSource:
         self._ack_wakeup = asyncio.Event()
         self._ack_task: asyncio.Task[None] | None = None
         self._ack_closing = False
+        self._abandoned: set[asyncio.Task[None]] = set()  # lease renewals that would not stop
 
     async def fetch(self, worker_id: uuid.UUID, limit: int, wait: float) -> list[Claim]:
         try:
@@ -218,8 +223,17 @@ class BrokerSource:
             yield
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a broker SDK call that ignores cancellation (a lock renewal on a dead
+            # link) kept a finished job from completing for minutes in a chaos run.
+            done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_STOP_WAIT)
+            if not done:
+                log.warning(
+                    "lease extension of job %s did not stop within %.0f s; going on without it",
+                    delivery.job_id,
+                    KEEPALIVE_STOP_WAIT,
+                )
+                self._abandoned.add(task)
+                task.add_done_callback(self._abandoned.discard)
 
     async def extend(self, claim: Claim) -> None:
         """Extend the claim's lease by ``lease_seconds`` now (the keepalive loop, a handler's
