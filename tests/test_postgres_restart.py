@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -38,8 +40,11 @@ APP = "tests.apps.effects:app"
 
 
 @pytest.fixture
-async def owned(tmp_path: Path) -> AsyncIterator[tuple[OwnedPostgres, URL, AsyncEngine]]:
-    server = OwnedPostgres(tmp_path)
+async def owned() -> AsyncIterator[tuple[OwnedPostgres, URL, AsyncEngine]]:
+    # Not under pytest's tmp_path: the server runs as another user, and a second pytest session
+    # starting on the machine makes pytest's root-only base directory untraversable again.
+    directory = Path(tempfile.mkdtemp(prefix="polyqueue-restart-"))
+    server = OwnedPostgres(directory)
     await server.start()
     url = make_url(await server.create_database("pqtest_restart"))
     engine = make_engine(url, pool_size=2)
@@ -50,6 +55,7 @@ async def owned(tmp_path: Path) -> AsyncIterator[tuple[OwnedPostgres, URL, Async
     finally:
         await engine.dispose()
         await server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def test_jobs_survive_a_postgres_crash_restart_mid_run(owned: tuple[OwnedPostgres, URL, AsyncEngine]) -> None:
