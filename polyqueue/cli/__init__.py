@@ -27,6 +27,7 @@ from rich.console import Console
 from polyqueue import migrations
 from polyqueue.cli._admin import admin_app
 from polyqueue.cli._common import (
+    DatabaseUrlOption,
     EmbeddedOption,
     LogFormat,
     LogLevel,
@@ -63,15 +64,6 @@ app.add_typer(admin_app, name="admin")
 
 AppArgument = Annotated[
     str, typer.Argument(metavar="APP", help="Your Polyqueue instance as 'module:attribute', e.g. myapp.jobs:queue.")
-]
-DatabaseUrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help="Postgres URL. (default: the app's database_url, POLYQUEUE_DATABASE_URL; if unset, the command "
-        "refuses unless --embedded)",
-        show_default=False,
-    ),
 ]
 LogLevelOption = Annotated[LogLevel, typer.Option(case_sensitive=False, help="Log level (stderr).")]
 LogFormatOption = Annotated[LogFormat, typer.Option(case_sensitive=False, help="Log lines as text or JSON.")]

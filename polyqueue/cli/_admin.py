@@ -16,7 +16,8 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue import admin
-from polyqueue.cli._inspect import DatabaseUrlOption, EmbeddedOption, JsonOption, print_json, run_with_engine, shown
+from polyqueue.cli._common import DatabaseUrlOption
+from polyqueue.cli._inspect import EmbeddedOption, JsonOption, print_json, run_with_engine, shown
 from polyqueue.types import JobStatus
 
 __all__ = ["CONFIRM_ABOVE", "admin_app"]

@@ -45,6 +45,7 @@ from polyqueue.settings import Settings, secret_value
 __all__ = [
     "CONNECT_TIMEOUT",
     "NO_DATABASE",
+    "DatabaseUrlOption",
     "EmbeddedOption",
     "LogFormat",
     "LogLevel",
@@ -69,6 +70,15 @@ NO_DATABASE = (
     "Postgres in ./.polyqueue/ pass --embedded (or set POLYQUEUE_DATABASE_URL=embedded)"
 )
 
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="Postgres URL (default: the configured database_url, POLYQUEUE_DATABASE_URL or the app's; "
+        "if unset, the command refuses unless --embedded).",
+        show_default=False,
+    ),
+]
 EmbeddedOption = Annotated[
     bool,
     typer.Option(

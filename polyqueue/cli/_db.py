@@ -9,6 +9,7 @@ import typer
 
 from polyqueue import migrations
 from polyqueue.cli._common import (
+    DatabaseUrlOption,
     EmbeddedOption,
     cli_errors,
     head_revisions,
@@ -27,15 +28,6 @@ db_app = typer.Typer(
     help="Create, upgrade, downgrade or inspect polyqueue's tables (without Alembic in your project).",
     no_args_is_help=True,
 )
-
-DatabaseUrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help="Postgres URL (default: POLYQUEUE_DATABASE_URL; if unset, the command refuses unless --embedded).",
-        show_default=False,
-    ),
-]
 
 
 def _describe(revisions: list[str], installed: bool) -> str:

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue import inspect as views
 from polyqueue.cli._common import (
+    DatabaseUrlOption,
     EmbeddedOption,
     check_schema,
     clean,
@@ -30,7 +31,6 @@ from polyqueue.cli._common import (
 from polyqueue.types import JobStatus
 
 __all__ = [
-    "DatabaseUrlOption",
     "EmbeddedOption",
     "JsonOption",
     "inspect_app",
@@ -47,14 +47,6 @@ inspect_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DatabaseUrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--database-url",
-        help="Postgres URL (default: POLYQUEUE_DATABASE_URL; if unset, the command refuses unless --embedded).",
-        show_default=False,
-    ),
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 
 
