@@ -25,7 +25,7 @@ from polyqueue.queries.enqueue import (
     job_live_by_unique_key,
     job_live_ids_by_unique_key,
 )
-from polyqueue.registry import TaskSpec, all_tasks, resolve_task
+from polyqueue.registry import Polyqueue, TaskSpec, task_of
 from polyqueue.settings import queue_name_problem
 from polyqueue.types import TimeoutStrategy, new_job_id
 
@@ -117,7 +117,7 @@ def _resolve_run_at(run_at: dt.datetime | None, delay: float | dt.timedelta | No
 
 
 def _row(
-    tasks: dict[str, TaskSpec],
+    app: Polyqueue | None,
     payload: BaseModel | Mapping[str, Any],
     *,
     task: str | None,
@@ -131,17 +131,17 @@ def _row(
     unique_key: str | None,
     meta: Callable[[TaskSpec], dict[str, Any]],
     json_payload: bool = False,
-) -> dict[str, Any]:
-    """The jobs-table row of one job, for :func:`enqueue` and :func:`enqueue_many` alike: the
-    task resolved, the payload validated and sized (as JSON text with ``json_payload``), the
-    task's defaults filled in, ``meta`` from ``meta(spec)``. ``run_at`` None means "now" (the
-    database's clock, at insert)."""
-    spec = resolve_task(tasks, payload if isinstance(payload, BaseModel) else dict(payload), task)
+) -> tuple[dict[str, Any], TaskSpec]:
+    """The jobs-table row of one job and its task, for :func:`enqueue` and :func:`enqueue_many`
+    alike: the task resolved (among ``app``'s tasks, or found from the payload), the payload
+    validated and sized (as JSON text with ``json_payload``), the task's defaults filled in,
+    ``meta`` from ``meta(spec)``. ``run_at`` None means "now" (the database's clock, at insert)."""
+    spec = task_of(payload if isinstance(payload, BaseModel) else dict(payload), task, app)
     run_at = _resolve_run_at(run_at, delay)
     attempts = spec.max_attempts if max_attempts is None else max_attempts
     if attempts < 1:
         raise ValueError("max_attempts must be >= 1")
-    return {
+    row = {
         "id": new_job_id(),
         "task": spec.name,
         "queue": _queue(spec, queue),
@@ -156,6 +156,7 @@ def _row(
         "meta": meta(spec),
         "run_at": run_at,
     }
+    return row, spec
 
 
 def _meta(spec: TaskSpec, meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -182,6 +183,7 @@ async def enqueue(
     timeout_strategy: TimeoutStrategy | str | None = None,
     unique_key: str | None = None,
     meta: Mapping[str, Any] | None = None,
+    app: Polyqueue | None = None,
 ) -> Job:
     """Add a job to ``session``'s transaction and return it. Does not commit.
 
@@ -204,17 +206,20 @@ async def enqueue(
         delay: seconds (or a ``timedelta``) from now; not together with ``run_at``.
         unique_key: at most one live job per key (idempotent enqueue).
         meta: a JSON object stored with the job (tags, trace context).
+        app: the app whose task this is; default: the app that registered the payload's model
+            (or, for a dict payload, the one app with a task named ``task``). Needed only when
+            several apps in the process register the model or the name.
 
     Raises:
-        UnknownTaskError: no task, or more than one, matches the payload or ``task``.
+        UnknownTaskError: no task, or more than one, matches the payload or ``task`` (several
+            apps: pass ``app=``).
         PayloadError: the payload does not fit the task's model, it or ``meta`` is over its limit
             (``max_payload_bytes``, ``max_meta_bytes``), or ``queue`` is not a valid queue name.
         ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
         ConfigurationError: the database has no polyqueue tables (run ``polyqueue db upgrade``).
     """
-    tasks = all_tasks()
-    row = _row(
-        tasks,
+    row, spec = _row(
+        app,
         payload,
         task=task,
         queue=queue,
@@ -227,7 +232,6 @@ async def enqueue(
         unique_key=unique_key,
         meta=lambda spec: _meta(spec, meta),
     )
-    spec = tasks[row["task"]]
     for _ in range(_UNIQUE_RETRIES):
         try:
             job = await job_insert(session, row)
@@ -257,6 +261,7 @@ async def enqueue_many(
     timeout_strategy: TimeoutStrategy | str | None = None,
     unique_keys: Sequence[str | None] | None = None,
     meta: Mapping[str, Any] | None = None,
+    app: Polyqueue | None = None,
 ) -> list[uuid.UUID]:
     """Add many jobs with one INSERT statement and return their ids, in order. Does not commit.
 
@@ -283,9 +288,10 @@ async def enqueue_many(
         timeout_strategy: ``retry``, ``fail`` or ``ignore`` at the time limit; default: each task's.
         unique_keys: one ``unique_key`` or None per payload (idempotent enqueue).
         meta: a JSON object stored with every job (tags, trace context).
+        app: the app whose tasks these are; default: found from each payload, as for :func:`enqueue`.
 
     Raises:
-        UnknownTaskError: a payload matches no task (or several; pass ``task=``).
+        UnknownTaskError: a payload matches no task (or several; pass ``task=``, or ``app=``).
         PayloadError: a payload does not fit its task's model, it or ``meta`` is over its limit
             (``max_payload_bytes``, ``max_meta_bytes``), or ``queue`` is not a valid queue name.
         ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, ``max_attempts < 1``, or
@@ -298,7 +304,6 @@ async def enqueue_many(
     if len(keys) != len(payloads):
         raise ValueError(f"unique_keys has {len(keys)} keys for {len(payloads)} payloads; pass one (or None) each")
     when = _resolve_run_at(run_at, delay)  # one time for the whole batch
-    tasks = all_tasks()
     shared: list[dict[str, Any]] = []  # one meta for the batch, with the first job's task's injection
 
     def batch_meta(spec: TaskSpec) -> dict[str, Any]:
@@ -307,10 +312,11 @@ async def enqueue_many(
         return shared[0]
 
     rows: list[dict[str, Any]] = []
+    specs: dict[str, TaskSpec] = {}
     first_with_key: dict[str, int] = {}  # key -> index of its first row; later rows share its job
     for payload, key in zip(payloads, keys, strict=True):
-        row = _row(
-            tasks,
+        row, spec = _row(
+            app,
             payload,
             task=task,
             queue=queue,
@@ -324,6 +330,7 @@ async def enqueue_many(
             meta=batch_meta,
             json_payload=True,
         )
+        specs[spec.name] = spec
         if key is not None:
             first_with_key.setdefault(key, len(rows))
         rows.append(row)
@@ -354,7 +361,7 @@ async def enqueue_many(
     for (name, q), n in collections.Counter(
         (row["task"], row["queue"]) for row in rows if row["id"] in inserted
     ).items():
-        tasks[name].metrics.job_enqueued(name, q, n)
+        specs[name].metrics.job_enqueued(name, q, n)
     return ids
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
@@ -17,14 +18,19 @@ from polyqueue.retry import Backoff
 from polyqueue.settings import Settings, queue_name_problem
 from polyqueue.types import TimeoutStrategy
 
-__all__ = ["Polyqueue", "Schedule", "TaskSpec", "all_tasks", "find_task", "resolve_task"]
+__all__ = ["Polyqueue", "Schedule", "TaskSpec", "find_task", "resolve_task", "task_of"]
 
 Handler = Callable[..., Awaitable[Any]]
 F = TypeVar("F", bound=Handler)
 
-# Every app's tasks by name, so results can be typed from a job id alone
-# (get_job_result_typed_via_registry). The last registration of a name wins.
-_ALL_TASKS: dict[str, TaskSpec] = {}
+# Tasks belong to their app (``app.tasks``). To let ``enqueue(session, payload)`` find the
+# app from the payload alone, each registration is also indexed by its payload model, and
+# the apps alive in the process are known for lookups by name without an app. Both are weak:
+# an app (or a model) that goes away takes its entries with it. Nothing is keyed by task name
+# across apps, so two apps with a task of the same name never take each other's place: a
+# lookup that several apps could answer is refused, naming them, instead of picking one.
+_BY_MODEL: weakref.WeakKeyDictionary[type, weakref.WeakSet[Polyqueue]] = weakref.WeakKeyDictionary()
+_APPS: weakref.WeakSet[Polyqueue] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,7 @@ class Polyqueue:
             self.settings = Settings.model_validate(self.settings.model_dump())
         self.tasks: dict[str, TaskSpec] = {}
         self.schedules: dict[str, Schedule] = {}
+        _APPS.add(self)
 
     @overload
     def register(self, func: F, /) -> F: ...
@@ -193,7 +200,7 @@ class Polyqueue:
                 max_result_bytes=self.settings.max_result_bytes,
             )
             self.tasks[task_name] = spec
-            _ALL_TASKS[task_name] = spec
+            _BY_MODEL.setdefault(spec.payload_model, weakref.WeakSet()).add(self)
             if cron is not None:
                 self.schedules[task_name] = Schedule(task_name, task_name, cron, default_payload)
             return fn
@@ -233,10 +240,6 @@ class Polyqueue:
         self.schedules[key] = Schedule(key, task_name, cron, body)
         return self.schedules[key]
 
-    def task_for(self, payload: BaseModel | dict[str, Any], task: str | None = None) -> TaskSpec:
-        """The task that takes ``payload``: named by ``task``, or found by the payload's model."""
-        return resolve_task(self.tasks, payload, task)
-
     def get(self, task: str) -> TaskSpec:
         """The spec registered under ``task``; ``UnknownTaskError`` when there is none."""
         try:
@@ -265,14 +268,46 @@ def resolve_task(tasks: dict[str, TaskSpec], payload: BaseModel | dict[str, Any]
     )
 
 
-def all_tasks() -> dict[str, TaskSpec]:
-    """Every task registered by any app in this process."""
-    return _ALL_TASKS
+def _ambiguous(apps: int, specs: list[TaskSpec], what: str) -> UnknownTaskError:
+    names = sorted({s.name for s in specs})
+    return UnknownTaskError(
+        f"{what} is registered by {apps} apps in this process (tasks {names}); pass app= to choose one"
+    )
 
 
-def find_task(name: str) -> TaskSpec:
-    """The spec of ``name`` from any app in this process."""
-    try:
-        return _ALL_TASKS[name]
-    except KeyError:
-        raise UnknownTaskError(f"unknown task {name!r}: no app in this process registers it") from None
+def task_of(payload: BaseModel | dict[str, Any], task: str | None, app: Polyqueue | None) -> TaskSpec:
+    """The task that takes ``payload``: among ``app``'s tasks when given; else found by the
+    payload's model (named ``task`` among those, when given), or by the name ``task`` alone.
+    ``UnknownTaskError`` when none matches, or when several apps could be meant."""
+    if app is not None:
+        return resolve_task(app.tasks, payload, task)
+    if isinstance(payload, dict):
+        if task is None:
+            raise UnknownTaskError("a dict payload needs task= to name its task")
+        return find_task(task)
+    model = type(payload)
+    apps = [
+        a
+        for a in list(_BY_MODEL.get(model, ()))
+        if any(s.payload_model is model and (task is None or s.name == task) for s in a.tasks.values())
+    ]
+    if len(apps) == 1:  # that app says which task (or that several of its tasks take the model)
+        return resolve_task(apps[0].tasks, payload, task)
+    if not apps:
+        if task is not None:
+            return find_task(task)  # registered for another model: validating the payload says so
+        raise UnknownTaskError(f"no registered task takes {model.__name__}")
+    specs = [s for a in apps for s in a.tasks.values() if s.payload_model is model and task in (None, s.name)]
+    raise _ambiguous(len(apps), specs, model.__name__ + (f" as task {task!r}" if task else ""))
+
+
+def find_task(name: str, app: Polyqueue | None = None) -> TaskSpec:
+    """The spec of task ``name``: ``app``'s, or that of the one app in this process that has it."""
+    if app is not None:
+        return app.get(name)
+    specs = [a.tasks[name] for a in list(_APPS) if name in a.tasks]
+    if len(specs) == 1:
+        return specs[0]
+    if not specs:
+        raise UnknownTaskError(f"unknown task {name!r}: no app in this process registers it")
+    raise _ambiguous(len(specs), specs, f"task {name!r}")

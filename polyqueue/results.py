@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from polyqueue.errors import JobFailedError, JobNotFinishedError, JobNotFoundError, ResultTimeoutError
 from polyqueue.models import Job
-from polyqueue.registry import find_task
+from polyqueue.registry import Polyqueue, find_task
 from polyqueue.types import DONE_CHANNEL, TERMINAL_STATUSES, JobStatus
 
 __all__ = ["get_job_result", "get_job_result_typed", "get_job_result_typed_via_registry", "wait_for_result"]
@@ -66,17 +66,21 @@ async def get_job_result_typed(
     return result
 
 
-async def get_job_result_typed_via_registry(session: AsyncSession | AsyncConnection, job_id: uuid.UUID | str) -> Any:
-    """The result validated into the return annotation of the handler that ran it.
+async def get_job_result_typed_via_registry(
+    session: AsyncSession | AsyncConnection, job_id: uuid.UUID | str, *, app: Polyqueue | None = None
+) -> Any:
+    """The result validated into the return annotation of the handler that ran it: ``app``'s
+    task of the job's name, or (without ``app``) that of the one app in this process with it.
 
     Raises:
         JobNotFoundError, JobNotFinishedError, JobFailedError: as :func:`get_job_result`.
-        UnknownTaskError: no app in this process registers the job's task.
+        UnknownTaskError: no app in this process registers the job's task, or several do and
+            ``app`` is not given.
     """
     jid = _as_uuid(job_id)
     row = await _fetch(session, jid)
     value = _interpret(jid, row)
-    return find_task(row[3]).result_adapter.validate_python(value)
+    return find_task(row[3], app).result_adapter.validate_python(value)
 
 
 async def wait_for_result(

@@ -214,10 +214,11 @@ async def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None, time
     return Ran(proc.returncode, out.decode(), err.decode())
 
 
-async def dead_workers_job(engine: AsyncEngine, payload: BaseModel) -> uuid.UUID:
-    """A running job whose worker's heartbeat is a minute old: only maintenance brings it back."""
+async def dead_workers_job(engine: AsyncEngine, payload: BaseModel, app: Polyqueue | None = None) -> uuid.UUID:
+    """A running job (of ``app``'s task for ``payload``) whose worker's heartbeat is a minute old:
+    only maintenance brings it back."""
     async with AsyncSession(engine) as s, s.begin():
-        await enqueue(s, payload)
+        await enqueue(s, payload, app=app)
     worker = uuid.uuid4()
     async with engine.begin() as conn:
         await worker_register(

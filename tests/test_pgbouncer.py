@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from polyqueue import enqueue
+from polyqueue import Polyqueue, enqueue
 from polyqueue.brokers import make_broker
 from polyqueue.db import make_engine
 from polyqueue.listener import Listener
@@ -70,10 +70,10 @@ async def pooled(pgbouncer: PgBouncer, db_url: URL) -> AsyncIterator[AsyncEngine
     await engine.dispose()
 
 
-async def enqueue_pings(engine: AsyncEngine, count: int) -> None:
+async def enqueue_pings(engine: AsyncEngine, app: Polyqueue, count: int) -> None:
     async with AsyncSession(engine) as s, s.begin():
         for n in range(count):
-            await enqueue(s, Bounced(n=n))
+            await enqueue(s, Bounced(n=n), app=app)
 
 
 async def all_succeeded(engine: AsyncEngine) -> bool:
@@ -114,14 +114,14 @@ async def test_direct_postgres_worker_and_maintenance_through_pgbouncer(
     settings = {"listen_database_url": url_str(db_url)} if listen == "direct" else {}
     app = make_app(pool_mode="transaction", **settings)
     app.register(bounced)
-    rescued = await dead_workers_job(pooled, Bounced(n=-1))
-    await enqueue_pings(pooled, JOBS)
+    rescued = await dead_workers_job(pooled, Bounced(n=-1), app)
+    await enqueue_pings(pooled, app, JOBS)
     stopping = asyncio.Event()
     worker = asyncio.create_task(run_worker(app, engine=pooled, stopping=stopping))
     try:
         await wait_until(lambda: all_succeeded(pooled), what="every job to succeed")
         leaders = await rows(pooled, "SELECT name FROM polyqueue_leader WHERE expires_at > now()")
-        await enqueue_pings(pooled, 5)  # found by polling, or woken by NOTIFY on the direct connection
+        await enqueue_pings(pooled, app, 5)  # found by polling, or woken by NOTIFY on the direct connection
         await wait_until(lambda: all_succeeded(pooled), what="late jobs to succeed")
     finally:
         stopping.set()
@@ -146,8 +146,8 @@ async def test_redis_relay_worker_and_maintenance_through_pgbouncer(
         pool_mode="transaction", queue_backend="redis", broker_url=f"{redis_url}?key_prefix={prefix}", lease_seconds=2
     )
     app.register(bounced)
-    rescued = await dead_workers_job(pooled, Bounced(n=-1))
-    await enqueue_pings(pooled, JOBS)
+    rescued = await dead_workers_job(pooled, Bounced(n=-1), app)
+    await enqueue_pings(pooled, app, JOBS)
     stopping = asyncio.Event()
     relay = asyncio.create_task(run_relay(app, engine=pooled, stopping=stopping))
     worker = asyncio.create_task(

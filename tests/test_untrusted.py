@@ -68,8 +68,9 @@ async def wait_at_gate(payload: Gate) -> str:
 
 
 async def _enqueue(engine: AsyncEngine, payload: BaseModel, **options: Any) -> uuid.UUID:
+    """Enqueue for ``app`` unless ``app=`` says otherwise (``old_app`` below also has ``work``)."""
     async with AsyncSession(engine) as session, session.begin():
-        job = await enqueue(session, payload, **options)
+        job = await enqueue(session, payload, **{"app": app, **options})
         job_id: uuid.UUID = job.id
     return job_id
 
@@ -214,7 +215,7 @@ async def old_work(payload: Item) -> int:
 
 
 async def test_an_old_worker_hands_a_new_task_back_for_a_worker_that_has_it(engine: AsyncEngine) -> None:
-    job_id = await _enqueue(engine, Fresh(n=3))
+    job_id = await _enqueue(engine, Fresh(n=3), app=new_app)
     async with running_worker(old_app, engine) as old:
 
         async def handed_back() -> bool:
@@ -233,7 +234,7 @@ async def test_an_old_worker_hands_a_new_task_back_for_a_worker_that_has_it(engi
 
 
 async def test_an_unknown_task_fails_after_the_grace_naming_the_workers_that_lacked_it(engine: AsyncEngine) -> None:
-    job_id = await _enqueue(engine, Fresh(n=4))
+    job_id = await _enqueue(engine, Fresh(n=4), app=new_app)
     impatient = make_app(unknown_task_grace=0.5)
     impatient.tasks.update(old_app.tasks)
     async with running_worker(impatient, engine) as worker:
@@ -276,7 +277,7 @@ async def test_a_large_completion_batch_notifies_every_finished_job(engine: Asyn
     """500 outcomes in one statement: the ids go out in payloads under Postgres's 8,000-byte limit."""
     async with AsyncSession(engine) as session, session.begin():
         for n in range(500):
-            await enqueue(session, Item(n=n), task="work")
+            await enqueue(session, Item(n=n), task="work", app=app)
     worker_id = uuid.uuid4()
     async with engine.begin() as conn:
         claimed = await job_claim_pending(conn, worker_id, ["default"], 500)
@@ -505,7 +506,7 @@ async def test_sql_parameters_of_the_apps_own_engine_are_not_stored(db_url: URL)
         await ctx.session.execute(text("SELECT 1 / 0 WHERE CAST(:v AS text) IS NOT NULL"), {"v": payload.secret})
 
     try:
-        job_id = await _enqueue(own, Query(secret="hunter2-not-a-number"), task="bad_query")
+        job_id = await _enqueue(own, Query(secret="hunter2-not-a-number"), task="bad_query", app=leaky)
         async with running_worker(leaky, own):
             await wait_until(lambda: _is(own, job_id, "failed"), what="the job to fail")
         (error,) = (await _status(own, job_id))[2]
@@ -516,7 +517,7 @@ async def test_sql_parameters_of_the_apps_own_engine_are_not_stored(db_url: URL)
 
 
 async def test_an_unknown_task_requeued_after_giving_up_gets_a_new_grace(engine: AsyncEngine) -> None:
-    job_id = await _enqueue(engine, Fresh(n=5))
+    job_id = await _enqueue(engine, Fresh(n=5), app=new_app)
     impatient = make_app(unknown_task_grace=0)
     impatient.tasks.update(old_app.tasks)
     async with running_worker(impatient, engine):
