@@ -12,6 +12,9 @@ Enqueue inside your own transaction, run typed handlers, read results back::
         await enqueue(session, Email(to=order.email))
 """
 
+import warnings
+from typing import TYPE_CHECKING, Any
+
 from polyqueue.context import JobContext
 from polyqueue.enqueue import enqueue, enqueue_many
 from polyqueue.errors import (
@@ -30,7 +33,7 @@ from polyqueue.errors import (
     TerminalError,
     UnknownTaskError,
 )
-from polyqueue.models import Job, Worker
+from polyqueue.models import Job, WorkerRecord
 from polyqueue.models import metadata as polyqueue_metadata
 from polyqueue.registry import Polyqueue, TaskSpec
 from polyqueue.results import (
@@ -67,8 +70,8 @@ __all__ = [
     "TerminalError",
     "TimeoutStrategy",
     "UnknownTaskError",
-    "Worker",
     "WorkerProcess",
+    "WorkerRecord",
     "enqueue",
     "enqueue_many",
     "get_job_result",
@@ -80,3 +83,19 @@ __all__ = [
     "run_worker",
     "wait_for_result",
 ]
+
+
+if not TYPE_CHECKING:  # at run time only: type checkers keep flagging names that do not exist
+
+    def __getattr__(name: str) -> Any:
+        # Deprecated names, kept working with a warning: ``Worker`` was the table row, easily
+        # taken for the worker process (now ``WorkerRecord`` and ``WorkerProcess``).
+        if name == "Worker":
+            warnings.warn(
+                "polyqueue.Worker is deprecated: the polyqueue_workers row is polyqueue.WorkerRecord "
+                "(the worker process is polyqueue.WorkerProcess)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return WorkerRecord
+        raise AttributeError(f"module 'polyqueue' has no attribute {name!r}")

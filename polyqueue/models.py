@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from polyqueue.types import LIVE_STATUSES, JobStatus, TimeoutStrategy, WorkerStatus, new_job_id
 
-__all__ = ["Base", "Job", "Leader", "Worker", "metadata"]
+__all__ = ["Base", "Job", "Leader", "WorkerRecord", "metadata"]
 
 #: The ``MetaData`` of polyqueue's tables (exported as ``polyqueue.polyqueue_metadata``):
 #: add it to your Alembic ``target_metadata`` list beside your own.
@@ -146,8 +146,9 @@ class Job(Base):
         return f"<Job {self.id} {self.task} {self.status} attempt={self.attempt}>"
 
 
-class Worker(Base):
-    """One row per worker process: its identity, liveness and state."""
+class WorkerRecord(Base):
+    """A worker process's row in ``polyqueue_workers``: its identity, liveness and state (the
+    process itself is :class:`polyqueue.WorkerProcess`)."""
 
     __tablename__ = "polyqueue_workers"
 

@@ -31,8 +31,8 @@ EXPECTED_PUBLIC = {
     "TerminalError",
     "TimeoutStrategy",
     "UnknownTaskError",
-    "Worker",
     "WorkerProcess",
+    "WorkerRecord",
     "enqueue",
     "enqueue_many",
     "get_job_result",
@@ -109,3 +109,22 @@ def test_backoff_grows_and_is_capped() -> None:
     assert all(4 <= jittered.delay(1) <= 8 for _ in range(100))
     with pytest.raises(ValueError):
         Backoff(factor=0.5)
+
+
+def test_deprecated_names_still_work_and_say_what_replaces_them() -> None:
+    with pytest.warns(DeprecationWarning, match="polyqueue.WorkerRecord"):
+        assert polyqueue.Worker is polyqueue.WorkerRecord  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        polyqueue.no_such_name  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_the_old_name_of_the_views_module_still_imports_and_warns() -> None:
+    import importlib
+    import sys
+
+    import polyqueue.views
+
+    sys.modules.pop("polyqueue.inspect", None)
+    with pytest.warns(DeprecationWarning, match="import polyqueue.views"):
+        old = importlib.import_module("polyqueue.inspect")
+    assert old.stats is polyqueue.views.stats

@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from typer.testing import CliRunner
 
-from polyqueue import enqueue, enqueue_many, inspect
+from polyqueue import enqueue, enqueue_many, views
 from polyqueue.cli import app as cli
 from tests import services
 from tests.helpers import cli_env, make_app, run_cli, running_worker, wait_all_terminal
@@ -51,19 +51,19 @@ async def _invoke(db_url: URL, *args: str, input: str | None = None) -> tuple[in
 
 async def test_inspect_functions(engine: AsyncEngine) -> None:
     ok, bad = await _seed(engine)
-    s = await inspect.stats(engine)
+    s = await views.stats(engine)
     counts = {(c.queue, c.status): c.count for c in s.counts}
     assert counts == {("default", "succeeded"): 1, ("default", "failed"): 1, ("waiting", "pending"): 12}
     assert s.finished_last_minute == 2 and s.failure_rate_last_hour == 0.5
     assert s.oldest_pending_seconds is not None and not s.finished_counts_estimated
-    [w] = await inspect.workers(engine)
+    [w] = await views.workers(engine)
     assert w.status == "stopped" and w.running_jobs == 0
-    assert len(await inspect.jobs(engine, queue="waiting", limit=5)) == 5
-    [failed] = await inspect.jobs(engine, status="failed")
+    assert len(await views.jobs(engine, queue="waiting", limit=5)) == 5
+    [failed] = await views.jobs(engine, status="failed")
     assert failed.id == bad and failed.last_error == "RuntimeError: boom"
-    detail = await inspect.job(engine, bad)
+    detail = await views.job(engine, bad)
     assert detail.errors[0]["traceback"] and "RuntimeError" in detail.errors[0]["traceback"]
-    assert (await inspect.job(engine, ok)).result == 42
+    assert (await views.job(engine, ok)).result == 42
 
 
 async def test_cli_in_process(engine: AsyncEngine, db_url: URL) -> None:

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue import inspect as views
+from polyqueue import views
 from polyqueue.cli._common import (
     DatabaseUrlOption,
     EmbeddedOption,

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from sqlalchemy import text
 
-from polyqueue.queries._base import Executor
+from polyqueue.queries._base import Conn
 
 __all__ = ["Dispatchable", "job_any_due", "job_count_enqueued", "job_mark_enqueued", "job_take_for_dispatch"]
 
@@ -21,7 +21,7 @@ class Dispatchable(NamedTuple):
     dispatch_key: str  # JOB_ID/ATTEMPT/XMIN: see Message.dispatch_key
 
 
-async def job_any_due(conn: Executor, queues: Sequence[str]) -> bool:
+async def job_any_due(conn: Conn, queues: Sequence[str]) -> bool:
     """Whether a job of ``queues`` is due and not yet claimed: ``pending`` past its ``run_at``, or ``enqueued``."""
     found = await conn.scalar(
         text(
@@ -33,7 +33,7 @@ async def job_any_due(conn: Executor, queues: Sequence[str]) -> bool:
     return bool(found)
 
 
-async def job_count_enqueued(conn: Executor) -> dict[str, int]:
+async def job_count_enqueued(conn: Conn) -> dict[str, int]:
     """Jobs ``enqueued`` (published, not yet claimed) per queue."""
     rows = await conn.execute(
         text("SELECT queue, count(*) FROM polyqueue_jobs WHERE status = 'enqueued' GROUP BY queue")
@@ -41,7 +41,7 @@ async def job_count_enqueued(conn: Executor) -> dict[str, int]:
     return {row[0]: int(row[1]) for row in rows}
 
 
-async def job_take_for_dispatch(conn: Executor, limit: int, *, skip_queues: Sequence[str] = ()) -> list[Dispatchable]:
+async def job_take_for_dispatch(conn: Conn, limit: int, *, skip_queues: Sequence[str] = ()) -> list[Dispatchable]:
     """Lock up to ``limit`` due pending jobs for the relay (call inside a transaction), none of ``skip_queues``.
 
     The dispatch key ends with the row version's ``xmin``, the transaction that last changed
@@ -59,7 +59,7 @@ async def job_take_for_dispatch(conn: Executor, limit: int, *, skip_queues: Sequ
     return [Dispatchable(row[0], row[1], row[2]) for row in rows]
 
 
-async def job_mark_enqueued(conn: Executor, ids: Sequence[uuid.UUID]) -> None:
+async def job_mark_enqueued(conn: Conn, ids: Sequence[uuid.UUID]) -> None:
     """Mark published jobs ``enqueued``."""
     await conn.execute(
         text(

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 
 from polyqueue.models import Job
-from polyqueue.queries._base import Executor
+from polyqueue.queries._base import Conn
 from polyqueue.types import LIVE_STATUSES, NEW_JOB_CHANNEL
 
 __all__ = [
@@ -33,7 +33,7 @@ _LIVE = [s.value for s in LIVE_STATUSES]
 _UNIQUE_LIVE = text("unique_key IS NOT NULL AND status IN ({})".format(", ".join(f"'{s}'" for s in _LIVE)))
 
 
-async def job_insert(session: Executor, row: Mapping[str, Any]) -> Job | None:
+async def job_insert(session: Conn, row: Mapping[str, Any]) -> Job | None:
     """Insert one job row (``run_at`` None: now); the new ``Job``, or None when a live job already
     holds its ``unique_key`` (nothing inserted, no error: the caller's transaction stays usable)."""
     values = {**row, "run_at": row.get("run_at") or func.now()}
@@ -48,7 +48,7 @@ async def job_insert(session: Executor, row: Mapping[str, Any]) -> Job | None:
     return None if inserted is None else inserted[0]
 
 
-async def job_live_by_unique_key(session: Executor, unique_key: str) -> Job | None:
+async def job_live_by_unique_key(session: Conn, unique_key: str) -> Job | None:
     """The live job (pending, enqueued or running) holding ``unique_key``, if any."""
     found = await session.scalar(select(Job).where(Job.unique_key == unique_key, Job.status.in_(_LIVE)))
     return found
@@ -112,7 +112,7 @@ MANY_COLUMNS = (
 
 
 async def job_insert_many(
-    session: Executor, columns: Mapping[str, Sequence[Any]], meta: Mapping[str, Any], run_at: Any = None
+    session: Conn, columns: Mapping[str, Sequence[Any]], meta: Mapping[str, Any], run_at: Any = None
 ) -> set[uuid.UUID]:
     """Insert rows given column-wise (:data:`MANY_COLUMNS`; payloads as JSON text), all with ``meta``
     and due at ``run_at`` (None: now). Rows whose ``unique_key`` a live job holds are skipped;
@@ -128,7 +128,7 @@ async def job_insert_many(
     return set(inserted[0]) if inserted is not None else set()
 
 
-async def job_live_ids_by_unique_key(session: Executor, unique_keys: Sequence[str]) -> dict[str, uuid.UUID]:
+async def job_live_ids_by_unique_key(session: Conn, unique_keys: Sequence[str]) -> dict[str, uuid.UUID]:
     """The live jobs holding any of ``unique_keys``: key → id."""
     rows = await session.execute(
         select(Job.unique_key, Job.id).where(Job.unique_key.in_(list(unique_keys)), Job.status.in_(_LIVE))

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from polyqueue.queries._base import CHANNEL_PARAMS, Executor
+from polyqueue.queries._base import CHANNEL_PARAMS, Conn
 from polyqueue.types import NEW_JOB_CHANNEL, NOTIFY_IDS_PER_PAYLOAD, JobStatus
 
 __all__ = [
@@ -137,9 +137,7 @@ def _claimed(rows: Sequence[Any]) -> list[ClaimedJob]:
     return [ClaimedJob(*row) for row in rows]
 
 
-async def job_claim_pending(
-    conn: Executor, worker_id: uuid.UUID, queues: Sequence[str], limit: int
-) -> list[ClaimedJob]:
+async def job_claim_pending(conn: Conn, worker_id: uuid.UUID, queues: Sequence[str], limit: int) -> list[ClaimedJob]:
     """Claim up to ``limit`` due pending jobs of ``queues`` (priority, then run_at)."""
     if len(queues) == 1:
         params: dict[str, Any] = {"worker": worker_id, "queue": queues[0], "limit": limit}
@@ -151,7 +149,7 @@ async def job_claim_pending(
 
 
 async def job_claim_by_ids(
-    conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid.UUID], queues: Sequence[str]
+    conn: Conn, worker_id: uuid.UUID, ids: Sequence[uuid.UUID], queues: Sequence[str]
 ) -> list[ClaimedJob]:
     """Claim the delivered jobs of ``queues`` that are still dispatchable; the rest are stale,
     duplicate or misrouted deliveries."""
@@ -199,7 +197,7 @@ _COMPLETE_MANY = text(
 ).bindparams(**CHANNEL_PARAMS)
 
 
-async def job_complete_many(conn: Executor, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
+async def job_complete_many(conn: Conn, outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
     """Persist outcomes of attempts their workers still own; returns the ids actually written.
 
     An outcome whose job was reaped, re-claimed or cancelled meanwhile changes nothing.
@@ -233,7 +231,7 @@ _HAND_BACK = text(
 ).bindparams(new_channel=NEW_JOB_CHANNEL)
 
 
-async def job_hand_back(conn: Executor, worker_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> int:
+async def job_hand_back(conn: Conn, worker_id: uuid.UUID, ids: Sequence[uuid.UUID]) -> int:
     """Return running jobs to ``pending`` at once, without counting the attempt (shutdown)."""
     if not ids:
         return 0
@@ -296,7 +294,7 @@ _HAND_BACK_UNKNOWN = text(
 
 
 async def job_hand_back_unknown(
-    conn: Executor,
+    conn: Conn,
     *,
     job_id: uuid.UUID,
     worker_id: uuid.UUID,
@@ -322,9 +320,7 @@ async def job_hand_back_unknown(
     return None if row is None else str(row[0])
 
 
-async def job_stopped_by_operator(
-    conn: Executor, attempts: Sequence[tuple[uuid.UUID, int, uuid.UUID]]
-) -> set[uuid.UUID]:
+async def job_stopped_by_operator(conn: Conn, attempts: Sequence[tuple[uuid.UUID, int, uuid.UUID]]) -> set[uuid.UUID]:
     """Of ``(job id, attempt, worker id)`` attempts a worker runs, those Postgres says were cancelled
     or failed under that worker meanwhile (``admin cancel``/``fail``): the confirmation a cancel
     NOTIFY needs."""
@@ -346,7 +342,7 @@ async def job_stopped_by_operator(
     return {row[0] for row in rows}
 
 
-async def job_held(conn: Executor, worker_id: uuid.UUID, *, older_than: float) -> list[uuid.UUID]:
+async def job_held(conn: Conn, worker_id: uuid.UUID, *, older_than: float) -> list[uuid.UUID]:
     """Jobs Postgres says ``worker_id`` is running, claimed more than ``older_than`` seconds ago."""
     rows = await conn.execute(
         text(
@@ -358,7 +354,7 @@ async def job_held(conn: Executor, worker_id: uuid.UUID, *, older_than: float) -
     return [row[0] for row in rows]
 
 
-async def job_progress(conn: Executor, worker_id: uuid.UUID, job_id: uuid.UUID, attempt: int) -> bool:
+async def job_progress(conn: Conn, worker_id: uuid.UUID, job_id: uuid.UUID, attempt: int) -> bool:
     """Record progress of an attempt; False when the worker no longer owns it."""
     result = await conn.execute(
         text(

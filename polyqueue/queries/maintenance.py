@@ -11,7 +11,7 @@ import uuid
 
 from sqlalchemy import text
 
-from polyqueue.queries._base import CHANNEL_PARAMS, Executor
+from polyqueue.queries._base import CHANNEL_PARAMS, Conn
 from polyqueue.types import NEW_JOB_CHANNEL
 
 __all__ = [
@@ -69,7 +69,7 @@ _RESCUE = text(
 ).bindparams(**CHANNEL_PARAMS)
 
 
-async def job_rescue(conn: Executor, *, dead_after: float, timeout_grace: float) -> list[tuple[uuid.UUID, str, str]]:
+async def job_rescue(conn: Conn, *, dead_after: float, timeout_grace: float) -> list[tuple[uuid.UUID, str, str]]:
     """Mark workers with stale heartbeats dead and rescue running jobs that are orphaned or past timeout.
 
     Rescue is by liveness, never by elapsed run time alone: a long job of a live
@@ -79,7 +79,7 @@ async def job_rescue(conn: Executor, *, dead_after: float, timeout_grace: float)
     return [(row[0], row[1], row[2]) for row in rows]
 
 
-async def job_count_live(conn: Executor) -> list[tuple[str, str, int]]:
+async def job_count_live(conn: Conn) -> list[tuple[str, str, int]]:
     """(queue, status, count) of pending, enqueued and running jobs (the live ones, few by design)."""
     rows = await conn.execute(
         text(
@@ -90,7 +90,7 @@ async def job_count_live(conn: Executor) -> list[tuple[str, str, int]]:
     return [(row[0], row[1], int(row[2])) for row in rows]
 
 
-async def job_prune(conn: Executor, *, older_than: float, limit: int = 10_000) -> int:
+async def job_prune(conn: Conn, *, older_than: float, limit: int = 10_000) -> int:
     """Delete up to ``limit`` finished jobs older than ``older_than`` seconds, and old worker rows."""
     result = await conn.execute(
         text(
@@ -109,7 +109,7 @@ async def job_prune(conn: Executor, *, older_than: float, limit: int = 10_000) -
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def job_redispatch_stale(conn: Executor, *, older_than: float) -> int:
+async def job_redispatch_stale(conn: Conn, *, older_than: float) -> int:
     """Return jobs ``enqueued`` longer than ``older_than`` seconds to ``pending`` (their delivery was lost)."""
     result = await conn.execute(
         text(
@@ -141,12 +141,12 @@ _LEADER_TAKE = text(
 _LEADER_RESIGN = text("DELETE FROM polyqueue_leader WHERE name = :name AND holder = :holder")
 
 
-async def leader_take(conn: Executor, *, name: str, holder: str, ttl: float) -> bool:
+async def leader_take(conn: Conn, *, name: str, holder: str, ttl: float) -> bool:
     """Take the ``name`` lease for ``ttl`` seconds if it is free or expired, or renew it if ``holder``
     has it; whether ``holder`` now leads."""
     return (await conn.execute(_LEADER_TAKE, {"name": name, "holder": holder, "ttl": ttl})).first() is not None
 
 
-async def leader_resign(conn: Executor, *, name: str, holder: str) -> None:
+async def leader_resign(conn: Conn, *, name: str, holder: str) -> None:
     """Give the ``name`` lease up if ``holder`` has it."""
     await conn.execute(_LEADER_RESIGN, {"name": name, "holder": holder})

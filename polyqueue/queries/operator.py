@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, REAL, UUID
 from sqlalchemy.sql.elements import KeyedColumnElement
 
-from polyqueue.queries._base import JOBS, Executor
+from polyqueue.queries._base import JOBS, Conn
 from polyqueue.types import LIVE_STATUSES, TERMINAL_STATUSES, JobStatus
 
 __all__ = [
@@ -97,13 +97,13 @@ def error_record_sql(attempt: ColumnElement[Any], kind: str, message: str) -> Co
     return func.jsonb_build_object(*[part for key, value in fields for part in (literal(key, Text), value)])
 
 
-async def notify(conn: Executor, channel: str, payload: str) -> None:
+async def notify(conn: Conn, channel: str, payload: str) -> None:
     """``pg_notify(channel, payload)``: delivered when the caller's transaction commits."""
     await conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload})
 
 
 async def job_requeue(
-    conn: Executor,
+    conn: Conn,
     *,
     statuses: Sequence[str],
     ids: Sequence[uuid.UUID] | None,
@@ -149,7 +149,7 @@ async def job_requeue(
 
 
 async def job_stop(
-    conn: Executor,
+    conn: Conn,
     *,
     statuses: Sequence[str],
     ids: Sequence[uuid.UUID] | None,
@@ -184,7 +184,7 @@ async def job_stop(
 
 
 async def job_delete_finished(
-    conn: Executor, *, statuses: Sequence[str], older_than: float, task: str | None, queue: str | None
+    conn: Conn, *, statuses: Sequence[str], older_than: float, task: str | None, queue: str | None
 ) -> int:
     """Delete the matching jobs that finished more than ``older_than`` seconds ago; how many."""
     clauses = [
@@ -199,7 +199,7 @@ async def job_delete_finished(
 # -- views ---------------------------------------------------------------------------------------
 
 
-async def jobs_table_rows_estimate(conn: Executor) -> int:
+async def jobs_table_rows_estimate(conn: Conn) -> int:
     """The planner's estimate of the jobs table's rows (``pg_class.reltuples``), 0 if never analysed."""
     estimate = await conn.scalar(
         text("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = CAST(:table AS regclass)"),
@@ -208,7 +208,7 @@ async def jobs_table_rows_estimate(conn: Executor) -> int:
     return int(estimate or 0)
 
 
-async def jobs_count_finished(conn: Executor, *, sample_percent: float | None = None) -> list[tuple[str, str, int]]:
+async def jobs_count_finished(conn: Conn, *, sample_percent: float | None = None) -> list[tuple[str, str, int]]:
     """(queue, status, count) of finished jobs; with ``sample_percent``, counted in a ``TABLESAMPLE
     SYSTEM`` sample of that size (scale the counts up yourself)."""
     terminal = [s.value for s in TERMINAL_STATUSES]
@@ -223,7 +223,7 @@ async def jobs_count_finished(conn: Executor, *, sample_percent: float | None = 
     return [(r[0], r[1], int(r[2])) for r in await conn.execute(stmt)]
 
 
-async def jobs_oldest_due_wait(conn: Executor) -> float | None:
+async def jobs_oldest_due_wait(conn: Conn) -> float | None:
     """Seconds the longest-waiting due pending job has waited, or None."""
     oldest = await conn.scalar(
         text(
@@ -247,7 +247,7 @@ _THROUGHPUT = text(
 )
 
 
-async def jobs_throughput(conn: Executor) -> tuple[int, int, int, int]:
+async def jobs_throughput(conn: Conn) -> tuple[int, int, int, int]:
     """Jobs finished in the last minute, in the last hour, and of those failed and succeeded."""
     minute, hour, failed, succeeded = (await conn.execute(_THROUGHPUT)).one()
     return int(minute), int(hour), int(failed), int(succeeded)
@@ -265,13 +265,13 @@ _WORKERS = text(
 )
 
 
-async def worker_list(conn: Executor, *, include_stopped: bool) -> list[Any]:
+async def worker_list(conn: Conn, *, include_stopped: bool) -> list[Any]:
     """Registered workers (running first, newest first): their row, heartbeat age, running jobs."""
     return list((await conn.execute(_WORKERS, {"all": include_stopped})).all())
 
 
 async def job_list(
-    conn: Executor,
+    conn: Conn,
     *,
     status: str | None,
     task: str | None,
@@ -332,7 +332,7 @@ _DETAIL = (
 )
 
 
-async def job_detail(conn: Executor, job_id: uuid.UUID) -> Any:
+async def job_detail(conn: Conn, job_id: uuid.UUID) -> Any:
     """Every stored column of one job (in ``inspect.JobDetail``'s order), or None."""
     stmt = select(*[JOBS.c[name] for name in _DETAIL]).where(JOBS.c.id == job_id)
     return (await conn.execute(stmt)).first()

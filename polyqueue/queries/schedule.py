@@ -11,7 +11,7 @@ import uuid
 
 from sqlalchemy import text
 
-from polyqueue.queries._base import Executor
+from polyqueue.queries._base import Conn
 
 __all__ = ["schedule_lock_slot", "schedule_slot_taken"]
 
@@ -23,13 +23,13 @@ _ANY_WITH_KEY_SINCE = text("SELECT 1 FROM polyqueue_jobs WHERE id >= :floor AND 
 _LOCK = text("SELECT pg_advisory_xact_lock(:c, hashtext(:k))")
 
 
-async def schedule_lock_slot(conn: Executor, lock_class: int, key: str) -> None:
+async def schedule_lock_slot(conn: Conn, lock_class: int, key: str) -> None:
     """Take the transaction-scoped advisory lock ``(lock_class, hashtext(key))``: competing
     schedulers of one slot run their check and insert one after the other."""
     await conn.execute(_LOCK, {"c": lock_class, "k": key})
 
 
-async def schedule_slot_taken(conn: Executor, key: str, floor: uuid.UUID) -> bool:
+async def schedule_slot_taken(conn: Conn, key: str, floor: uuid.UUID) -> bool:
     """Whether a live job has ``unique_key = key``, or any job with an id at or after ``floor`` had it."""
     if await conn.scalar(_LIVE_WITH_KEY, {"k": key}) is not None:
         return True

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 
 from sqlalchemy import text
 
-from polyqueue.queries._base import Executor
+from polyqueue.queries._base import Conn
 
 __all__ = ["worker_heartbeat", "worker_register", "worker_stop"]
 
 
 async def worker_register(
-    conn: Executor,
+    conn: Conn,
     *,
     worker_id: uuid.UUID,
     hostname: str,
@@ -47,7 +47,7 @@ async def worker_register(
     )
 
 
-async def worker_heartbeat(conn: Executor, worker_id: uuid.UUID) -> bool:
+async def worker_heartbeat(conn: Conn, worker_id: uuid.UUID) -> bool:
     """Refresh the heartbeat; False when this worker was declared dead (it must stop claiming)."""
     result = await conn.execute(
         text("UPDATE polyqueue_workers SET heartbeat_at = now() WHERE id = :id AND status = 'running'"),
@@ -56,7 +56,7 @@ async def worker_heartbeat(conn: Executor, worker_id: uuid.UUID) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def worker_stop(conn: Executor, worker_id: uuid.UUID) -> None:
+async def worker_stop(conn: Conn, worker_id: uuid.UUID) -> None:
     """Mark this worker stopped (clean exit)."""
     await conn.execute(
         text(
