@@ -67,7 +67,7 @@ def bench(session: nox.Session) -> None:
 def chaos(session: nox.Session) -> None:
     """Fault injection for every broker; pass runner options after --, e.g. -- --jobs 100000."""
     session.install("-e", ".[dev]")
-    brokers = ["postgres", "memory", "redis", "pgmq", "sqs", "azure_service_bus"]
+    brokers = ["direct", "memory", "redis", "pgmq", "sqs", "azure_service_bus"]
     extra = list(session.posargs)
     if "--broker" in extra:
         brokers = [extra[extra.index("--broker") + 1]]

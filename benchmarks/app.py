@@ -4,7 +4,7 @@ It is built from the environment, which :mod:`benchmarks.cli` sets before import
 this module and which the worker subprocess inherits:
 
 * ``PQBENCH_DATABASE_URL`` — the benchmark's own, freshly created database;
-* ``PQBENCH_QUEUE_BACKEND`` — the broker (``postgres``, ``memory``, and whatever later
+* ``PQBENCH_QUEUE_BACKEND`` — the broker (``direct``, ``memory``, and whatever later
   adapters add), passed as ``queue_backend`` to :class:`~polyqueue.Polyqueue`;
 * ``PQBENCH_BROKER_URL`` — the broker's URL, for brokers that take one.
 """
@@ -22,7 +22,7 @@ __all__ = ["Noop", "Stamp", "app", "noop", "stamp"]
 
 
 def _app_from_env() -> Polyqueue:
-    options: dict[str, str] = {"queue_backend": os.environ.get("PQBENCH_QUEUE_BACKEND", "postgres")}
+    options: dict[str, str] = {"queue_backend": os.environ.get("PQBENCH_QUEUE_BACKEND", "direct")}
     if url := os.environ.get("PQBENCH_DATABASE_URL"):
         options["database_url"] = url
     if broker_url := os.environ.get("PQBENCH_BROKER_URL"):

@@ -46,8 +46,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--backend",
-        default="postgres",
-        help="queue_backend of the app for e2e and latency: postgres (direct mode, default), memory, redis, "
+        default="direct",
+        help="queue_backend of the app for e2e and latency: direct (no broker, default), memory, redis, "
         "sqs, pgmq or azure_service_bus; without --broker-url a local stand-in is started (benchmarks/brokers.py)",
     )
     p.add_argument(

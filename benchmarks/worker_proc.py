@@ -21,7 +21,7 @@ import time
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker_proc", description=__doc__.split("\n\n")[0])
     p.add_argument("--database-url", required=True)
-    p.add_argument("--backend", default="postgres", help="queue_backend of the app (default: postgres)")
+    p.add_argument("--backend", default="direct", help="queue_backend of the app (default: direct)")
     p.add_argument("--broker-url", default=None)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--burst", action="store_true", help="stop once no job is due and none is running")

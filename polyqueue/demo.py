@@ -287,7 +287,7 @@ async def run_demo(settings: Settings, console: Console, *, timeout: float = 60.
     assert url, "the CLI resolves the URL (configured or embedded) first"
     began = time.monotonic()
     app = build_app(settings.model_copy(update={"poll_interval": 0.1}))
-    backend = "memory" if app.settings.queue_backend == "none" else app.settings.queue_backend
+    backend = app.settings.queue_backend
     engine = make_engine(
         url,
         pool_size=10,

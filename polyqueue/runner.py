@@ -42,7 +42,7 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class WorkerProcess:
     """A worker with everything it needs, built from ``app.settings`` on ``engine``.
 
-    ``broker``: None reads ``queue_backend`` (``"postgres"``: direct mode, no broker); a broker
+    ``broker``: None reads ``queue_backend`` (``"direct"``: no broker, claims from the table); a broker
     or adapter given here is used instead (an adapter is put behind the facade) and is left open
     unless ``close_broker``. A broker made here is always closed. ``run_relay`` (broker modes
     only) and ``run_maintenance`` run those services in this process too.
@@ -84,7 +84,7 @@ class WorkerProcess:
             self.listener,
             queues=served,
             concurrency=concurrency or s.concurrency,
-            backend=broker.name if broker is not None else "postgres",
+            backend=broker.name if broker is not None else "direct",
             metrics=self.metrics,
         )
         self.relay = Relay(engine, broker, self.listener, s, self.metrics) if broker is not None and run_relay else None
@@ -287,7 +287,7 @@ async def run_relay(
         if broker is None:
             broker = make_broker(s, database_url=_url_of(engine), metrics=guarded)
         if broker is None:
-            raise ConfigurationError("queue_backend 'postgres' needs no relay: workers claim from the table directly")
+            raise ConfigurationError("queue_backend 'direct' needs no relay: workers claim from the table directly")
         stopping = stopping or asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = _SIGNALS if install_signal_handlers else ()

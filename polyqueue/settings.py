@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["EMBEDDED", "QUEUE_NAME_RULE", "QueueBackend", "Settings", "queue_name_problem", "secret_value"]
+__all__ = [
+    "DEPRECATED_BACKENDS",
+    "EMBEDDED",
+    "QUEUE_NAME_RULE",
+    "QueueBackend",
+    "Settings",
+    "queue_name_problem",
+    "secret_value",
+]
 
-#: ``postgres``: workers claim straight from the table (default, no broker).
-#: ``none``/``memory``: in-process asyncio queue, relay and worker in one process.
-QueueBackend = Literal["postgres", "none", "memory", "redis", "sqs", "azure_service_bus", "pgmq"]
+#: ``direct``: workers claim straight from the table (default, no broker).
+#: ``memory``: an in-process asyncio queue, relay and worker in one process.
+#: The others: the broker of that name, fed by the relay.
+QueueBackend = Literal["direct", "memory", "redis", "sqs", "azure_service_bus", "pgmq"]
+#: Old spellings of ``queue_backend``, accepted with a DeprecationWarning: ``postgres`` read as a
+#: broker in Postgres (that is ``pgmq``) while it meant none, and ``none`` was the in-memory one.
+DEPRECATED_BACKENDS = {"postgres": "direct", "none": "memory"}
 
 
 #: ``database_url`` meaning "the embedded Postgres under embedded_dir", asked for explicitly.
@@ -52,7 +65,7 @@ class Settings(BaseSettings):
         "the embedded Postgres under embedded_dir, every other command refuses; 'embedded' asks for it explicitly.",
     )
     embedded_dir: str = Field(default=".polyqueue", description="Where the embedded Postgres keeps its data.")
-    queue_backend: QueueBackend = Field(default="postgres", description="How deliveries travel (the broker).")
+    queue_backend: QueueBackend = Field(default="direct", description="How deliveries travel (the broker).")
     broker_url: SecretStr | None = Field(
         default=None, description="The broker's URL, for brokers that take one (a secret: never shown)."
     )
@@ -149,8 +162,12 @@ class Settings(BaseSettings):
 
     @field_validator("queue_backend", mode="before")
     @classmethod
-    def _alias_memory(cls, value: object) -> object:
-        return "none" if value == "memory" else value
+    def _old_spellings(cls, value: object) -> object:
+        if isinstance(value, str) and value in DEPRECATED_BACKENDS:
+            new = DEPRECATED_BACKENDS[value]
+            warnings.warn(f"queue_backend {value!r} is deprecated: say {new!r}", DeprecationWarning, stacklevel=2)
+            return new
+        return value
 
     @field_validator("queues", mode="before")
     @classmethod

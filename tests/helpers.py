@@ -222,7 +222,7 @@ async def dead_workers_job(engine: AsyncEngine, payload: BaseModel, app: Polyque
     worker = uuid.uuid4()
     async with engine.begin() as conn:
         await worker_register(
-            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
+            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="direct", concurrency=1
         )
         await conn.execute(
             text("UPDATE polyqueue_workers SET heartbeat_at = now() - interval '60 seconds' WHERE id = :w"),

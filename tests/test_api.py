@@ -90,7 +90,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLYQUEUE_QUEUES", "a, b")
     monkeypatch.setenv("POLYQUEUE_CONCURRENCY", "8")
     s = Settings()
-    assert (s.queue_backend, s.queues, s.concurrency) == ("none", ["a", "b"], 8)
+    assert (s.queue_backend, s.queues, s.concurrency) == ("memory", ["a", "b"], 8)
     monkeypatch.setenv("POLYQUEUE_CONCURRENCY", "0")
     with pytest.raises(ValueError, match="concurrency"):
         Settings()
@@ -128,3 +128,10 @@ def test_the_old_name_of_the_views_module_still_imports_and_warns() -> None:
     with pytest.warns(DeprecationWarning, match="import polyqueue.views"):
         old = importlib.import_module("polyqueue.inspect")
     assert old.stats is polyqueue.views.stats
+
+
+@pytest.mark.parametrize(("old", "new"), [("postgres", "direct"), ("none", "memory")])
+def test_old_queue_backend_spellings_still_work_and_warn(old: str, new: str) -> None:
+    with pytest.warns(DeprecationWarning, match=f"queue_backend '{old}' is deprecated: say '{new}'"):
+        assert Settings(queue_backend=old).queue_backend == new
+    assert Settings().queue_backend == "direct"

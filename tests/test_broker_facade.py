@@ -158,7 +158,7 @@ async def test_the_ready_made_hooks_record_broker_calls() -> None:
     registry = CollectorRegistry()
     reader = InMemoryMetricReader()
     for hook in (PrometheusMetrics(registry), OtelMetrics(MeterProvider(metric_readers=[reader]))):
-        broker = make_broker(Polyqueue(queue_backend="none").settings, metrics=hook)
+        broker = make_broker(Polyqueue(queue_backend="memory").settings, metrics=hook)
         assert broker is not None
         await broker.publish([Message(uuid.uuid4(), Q)])
         with pytest.raises(BrokerError):

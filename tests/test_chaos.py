@@ -16,7 +16,7 @@ from tests.redis_service import redis_server_exe
 COMMON = {"kill", "stop", "terminate_backends", "postgres_restart"}
 #: The faults each broker suffers besides the common ones (tests/chaos/brokers.py).
 FAULTS = {
-    "postgres": set(),
+    "direct": set(),
     "memory": set(),
     "redis": {"kill_relay", "broker_restart"},
     "pgmq": {"kill_relay"},

@@ -188,7 +188,7 @@ def _check_demo_table(out: str) -> None:
     assert "all outcomes as expected" in out
 
 
-@pytest.mark.parametrize("backend", ["postgres", "memory"])
+@pytest.mark.parametrize("backend", ["direct", "memory"])
 async def test_demo_on_configured_database(db_url: URL, backend: str) -> None:
     ran = await run_cli("demo", "--backend", backend, env=cli_env(db_url, COLUMNS="160"))
     assert ran.code == 0, ran.out + ran.err

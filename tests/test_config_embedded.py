@@ -29,7 +29,7 @@ COMMANDS = [
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 async def test_commands_without_a_url_refuse_in_one_line(command: tuple[str, ...], tmp_path: Path) -> None:
-    env = cli_env(PYTHONPATH=str(ROOT), POLYQUEUE_QUEUE_BACKEND="redis" if command[0] == "relay" else "postgres")
+    env = cli_env(PYTHONPATH=str(ROOT), POLYQUEUE_QUEUE_BACKEND="redis" if command[0] == "relay" else "direct")
     ran = await run_cli(*command, env=env, cwd=tmp_path)
     assert ran.code == 1, ran.out + ran.err
     lines = ran.err.strip().splitlines()

@@ -36,7 +36,7 @@ async def _claimed_job(
     worker = uuid.uuid4()
     async with engine.begin() as conn:
         await worker_register(
-            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
+            conn, worker_id=worker, hostname="h", pid=1, queues=["default"], broker="direct", concurrency=1
         )
         await conn.execute(
             text("UPDATE polyqueue_workers SET heartbeat_at = now() - :age * interval '1 second', status = :st"),

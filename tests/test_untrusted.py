@@ -257,7 +257,7 @@ async def test_a_job_failed_by_maintenance_wakes_its_waiter(engine: AsyncEngine)
         await conn.execute(
             text(
                 "INSERT INTO polyqueue_workers (id, hostname, pid, queues, broker, concurrency, status, heartbeat_at) "
-                "VALUES (:id, 'gone', 1, '{default}', 'postgres', 1, 'running', now() - interval '1 hour')"
+                "VALUES (:id, 'gone', 1, '{default}', 'direct', 1, 'running', now() - interval '1 hour')"
             ),
             {"id": dead},
         )

@@ -432,6 +432,6 @@ async def test_registering_again_after_a_lost_reply_is_harmless(engine: AsyncEng
     for _ in range(2):
         async with engine.begin() as conn:
             await worker_register(
-                conn, worker_id=me, hostname="h", pid=1, queues=["default"], broker="postgres", concurrency=1
+                conn, worker_id=me, hostname="h", pid=1, queues=["default"], broker="direct", concurrency=1
             )
     assert await scalar(engine, "SELECT count(*) FROM polyqueue_workers WHERE id = :w", w=me) == 1

@@ -36,9 +36,9 @@ def make_broker(
     ``GuardedMetrics``) receives ``broker_call`` for every call on the broker.
     """
     backend = settings.queue_backend
-    if backend == "postgres":
+    if backend == "direct":
         return None
-    if backend == "none":
+    if backend == "memory":
         from polyqueue.brokers.memory import MemoryBroker
 
         return BrokerFacade(MemoryBroker(), metrics=metrics)

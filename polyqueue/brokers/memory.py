@@ -16,7 +16,7 @@ __all__ = ["MemoryBroker"]
 
 
 class MemoryBroker(BrokerAdapter):
-    """The ``queue_backend="none"`` (alias ``"memory"``) broker."""
+    """The ``queue_backend="memory"`` broker: an in-process queue (relay and worker in one process)."""
 
     name = "memory"
     capabilities = Capabilities(lease=False, survives_restart=False)

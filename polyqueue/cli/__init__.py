@@ -182,17 +182,17 @@ def relay(
         pq = load_app(app_path)
         configure_logging(log_level, log_format)
         backend = pq.settings.queue_backend
-        if backend == "postgres":
-            fail("queue_backend 'postgres' needs no relay: workers claim jobs from the table directly")
-        if backend == "none":
-            fail("queue_backend 'none'/'memory' is in-process: each worker relays its own jobs; run only workers")
+        if backend == "direct":
+            fail("queue_backend 'direct' needs no relay: workers claim jobs from the table directly")
+        if backend == "memory":
+            fail("queue_backend 'memory' is in-process: each worker relays its own jobs; run only workers")
         _prepare(pq, database_url, embedded, url)
         log.info("polyqueue relay: app %s, database %s, backend %s", app_path, mask_url(url[0]), backend)
         asyncio.run(run_relay(pq, install_signal_handlers=True))
 
 
 class DemoBackend(enum.StrEnum):
-    POSTGRES = "postgres"
+    DIRECT = "direct"
     MEMORY = "memory"
 
 
@@ -202,7 +202,7 @@ def demo(
         DemoBackend | None,
         typer.Option(
             case_sensitive=False,
-            help="How deliveries travel (default: POLYQUEUE_QUEUE_BACKEND, else postgres).",
+            help="How deliveries travel (default: POLYQUEUE_QUEUE_BACKEND, else direct).",
             show_default=False,
         ),
     ] = None,
@@ -226,11 +226,9 @@ def demo(
     with cli_errors(url):
         settings = load_settings(database_url)
         if backend is not None:
-            settings = settings.model_copy(
-                update={"queue_backend": "none" if backend == DemoBackend.MEMORY else "postgres"}
-            )
-        if settings.queue_backend not in ("postgres", "none"):
-            fail(f"the demo runs with --backend postgres or memory, not {settings.queue_backend!r}")
+            settings = settings.model_copy(update={"queue_backend": backend.value})
+        if settings.queue_backend not in ("direct", "memory"):
+            fail(f"the demo runs with --backend direct or memory, not {settings.queue_backend!r}")
         url.append(resolve_url(settings, embedded_by_default=True))
         configured = secret_value(settings.database_url)
         where = mask_url(url[0]) if configured and not is_embedded(configured) else "the embedded Postgres"

@@ -90,7 +90,7 @@ class Worker:
 
     ``listener`` is the process's LISTEN connection (started and closed by whoever built it):
     the worker subscribes to cancel requests on it. ``backend`` names what feeds the source
-    (``"postgres"`` in direct mode), for the worker registry and the logs.
+    (``"direct"`` when there is no broker), for the worker registry and the logs.
     """
 
     def __init__(

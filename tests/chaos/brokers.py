@@ -8,7 +8,7 @@
 * azure_service_bus: the AMQP 1.0 test peer (its own process) behind a TCP proxy;
   ``broker_outage`` as for SQS: the SDK's connections drop mid-link and must be rebuilt.
 * pgmq: the queues live in the jobs' database, so its broker restart is the Postgres restart.
-* postgres / memory: no broker process.
+* direct / memory: no broker process.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.moto_service import MotoServer, TcpProxy
 from tests.redis_service import RedisServer, free_port, redis_server_exe
 from tests.servicebus_peer.peer import connection_string
 
-BROKERS = ("postgres", "memory", "redis", "sqs", "pgmq", "azure_service_bus")
+BROKERS = ("direct", "memory", "redis", "sqs", "pgmq", "azure_service_bus")
 OUTAGE_SECONDS = 1.0
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ class ChaosBroker:
     """What workers and relays need to reach the broker, and its fault (if it has one)."""
 
     env: dict[str, str] = field(default_factory=dict)
-    separate_relays: bool = True  # relays as processes of their own (not for postgres/memory)
+    separate_relays: bool = True  # relays as processes of their own (not for direct/memory)
     fault_name: str | None = None
     fault: Callable[[], Awaitable[None]] | None = None
     jobs_per_second: float | None = None  # what the broker can serve here: enqueue is paced below it
@@ -47,7 +47,7 @@ class ChaosBroker:
 @contextlib.asynccontextmanager
 async def open_broker(name: str, tmp: Path, engine: AsyncEngine, lease: float) -> AsyncIterator[ChaosBroker]:
     backend = {"POLYQUEUE_QUEUE_BACKEND": name}
-    if name in ("postgres", "memory"):
+    if name in ("direct", "memory"):
         yield ChaosBroker(backend, separate_relays=False)
     elif name == "redis":
         exe = redis_server_exe()

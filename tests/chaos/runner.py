@@ -505,7 +505,7 @@ def summary(broker: str, seed: int, jobs: int, books: Books) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.runner", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--broker", default="postgres", choices=BROKERS)
+    parser.add_argument("--broker", default="direct", choices=BROKERS)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workers", type=int, default=3)
