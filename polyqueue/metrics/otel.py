@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from polyqueue.errors import ConfigurationError
+from polyqueue.types import JobStatus
 
 try:
     from opentelemetry import metrics as otel_metrics
@@ -89,7 +90,7 @@ class OtelMetrics:
         span = trace.get_current_span()  # the attempt's span, when job_span opened one
         if span.is_recording():
             span.set_attribute("polyqueue.outcome", outcome)
-            if outcome not in ("succeeded", "cancelled"):
+            if outcome not in (JobStatus.SUCCEEDED, JobStatus.CANCELLED):
                 span.set_status(trace.StatusCode.ERROR, outcome)
 
     def job_rescued(self, queue: str, status: str, count: int) -> None:

@@ -43,6 +43,7 @@ from polyqueue.queries import (
 )
 from polyqueue.registry import Polyqueue
 from polyqueue.retry import Backoff
+from polyqueue.types import JobStatus
 from polyqueue.worker.completer import Completer
 from polyqueue.worker.executor import execute, retry_or_fail
 from polyqueue.worker.sources import Claim, JobSource
@@ -67,7 +68,7 @@ def worker_label() -> str:
 def _outcome_name(outcome: Outcome) -> str:
     if outcome.error_type == "TimeLimitExceeded":
         return "timed_out"
-    return "retried" if outcome.status == "pending" else outcome.status
+    return "retried" if outcome.status == JobStatus.PENDING else outcome.status
 
 
 class Heartbeat(Service[None]):
@@ -327,7 +328,7 @@ class Worker:
                     if job.id not in self._cancel_requested:
                         raise  # shutdown: the runtime hands the job back
                     self._cancel_requested.discard(job.id)
-                    self._report(job, "cancelled", time.perf_counter() - began, None)
+                    self._report(job, JobStatus.CANCELLED, time.perf_counter() - began, None)
                     await self.source.done(claim)  # Postgres already says cancelled
                     return
                 self._finishing.add(job.id)
@@ -349,7 +350,7 @@ class Worker:
     def _report(self, job: ClaimedJob, outcome: str, seconds: float, error_type: str | None) -> None:
         """One structured log record and one metrics event per finished attempt."""
         self.metrics.job_finished(job.task, job.queue, outcome, seconds)
-        level = logging.INFO if outcome in ("succeeded", "cancelled") else logging.WARNING
+        level = logging.INFO if outcome in (JobStatus.SUCCEEDED, JobStatus.CANCELLED) else logging.WARNING
         if job_log.isEnabledFor(level):
             job_log.log(
                 level,
@@ -420,7 +421,7 @@ class Worker:
         except Exception as exc:  # the job stays running under us; reconcile or maintenance hands it back
             log.error("handing back job %s of unknown task %r failed: %s", job.id, job.task, exc)
             return
-        if status == "failed":
+        if status == JobStatus.FAILED:
             log.error(
                 "job %s failed: no worker that claimed it has a handler for task %r within unknown_task_grace "
                 "(%.0f s); this worker knows %s",

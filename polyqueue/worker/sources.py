@@ -61,7 +61,7 @@ class JobSource(Protocol):
 
 
 class DirectSource:
-    """Claims straight from ``polyqueue_jobs`` (``queue_backend="direct"``)."""
+    """Claims straight from the jobs table (``queue_backend="direct"``)."""
 
     def __init__(
         self,
