@@ -117,10 +117,9 @@ def _resolve_run_at(run_at: dt.datetime | None, delay: float | dt.timedelta | No
 
 
 def _row(
-    app: Polyqueue | None,
+    spec: TaskSpec,
     payload: BaseModel | Mapping[str, Any],
     *,
-    task: str | None,
     queue: str | None,
     priority: int | None,
     run_at: dt.datetime | None,
@@ -131,12 +130,11 @@ def _row(
     unique_key: str | None,
     meta: Callable[[TaskSpec], dict[str, Any]],
     json_payload: bool = False,
-) -> tuple[dict[str, Any], TaskSpec]:
-    """The jobs-table row of one job and its task, for :func:`enqueue` and :func:`enqueue_many`
-    alike: the task resolved (among ``app``'s tasks, or found from the payload), the payload
-    validated and sized (as JSON text with ``json_payload``), the task's defaults filled in,
-    ``meta`` from ``meta(spec)``. ``run_at`` None means "now" (the database's clock, at insert)."""
-    spec = task_of(payload if isinstance(payload, BaseModel) else dict(payload), task, app)
+) -> dict[str, Any]:
+    """The jobs-table row of one job of task ``spec``, for :func:`enqueue` and :func:`enqueue_many`
+    alike: the payload validated and sized (as JSON text with ``json_payload``), the task's
+    defaults filled in, ``meta`` from ``meta(spec)``. ``run_at`` None means "now" (the
+    database's clock, at insert)."""
     run_at = _resolve_run_at(run_at, delay)
     attempts = spec.max_attempts if max_attempts is None else max_attempts
     if attempts < 1:
@@ -156,7 +154,7 @@ def _row(
         "meta": meta(spec),
         "run_at": run_at,
     }
-    return row, spec
+    return row
 
 
 def _meta(spec: TaskSpec, meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -218,10 +216,10 @@ async def enqueue(
         ValueError: both ``run_at`` and ``delay``, a naive ``run_at``, or ``max_attempts < 1``.
         ConfigurationError: the database has no polyqueue tables (run ``polyqueue db upgrade``).
     """
-    row, spec = _row(
-        app,
+    spec = task_of(payload if isinstance(payload, BaseModel) else dict(payload), task, app)
+    row = _row(
+        spec,
         payload,
-        task=task,
         queue=queue,
         priority=priority,
         run_at=run_at,
@@ -311,14 +309,25 @@ async def enqueue_many(
             shared.append(_meta(spec, meta))
         return shared[0]
 
+    by_model: dict[type[BaseModel], TaskSpec] = {}
+
+    def spec_of(payload: BaseModel | Mapping[str, Any]) -> TaskSpec:
+        """The payload's task, looked up once per model in the batch (not per payload)."""
+        if not isinstance(payload, BaseModel):
+            return task_of(dict(payload), task, app)
+        spec = by_model.get(type(payload))
+        if spec is None:
+            spec = by_model[type(payload)] = task_of(payload, task, app)
+        return spec
+
     rows: list[dict[str, Any]] = []
     specs: dict[str, TaskSpec] = {}
     first_with_key: dict[str, int] = {}  # key -> index of its first row; later rows share its job
     for payload, key in zip(payloads, keys, strict=True):
-        row, spec = _row(
-            app,
+        spec = spec_of(payload)
+        row = _row(
+            spec,
             payload,
-            task=task,
             queue=queue,
             priority=priority,
             run_at=when,
