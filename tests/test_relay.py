@@ -8,7 +8,6 @@ run on the Service Bus test peer re-dispatched the backlog every 3 s and never w
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from pathlib import Path
 
@@ -76,22 +75,6 @@ async def test_zero_means_no_limit(engine: AsyncEngine, db_url: URL) -> None:
     assert not relay.held_back
 
 
-class _FailureCounter(logging.Handler):
-    """Counts the relay's "publishing ... failed" records; ``reached`` is set at ``target``."""
-
-    def __init__(self, target: int) -> None:
-        super().__init__(logging.ERROR)
-        self.count = 0
-        self.target = target
-        self.reached = asyncio.Event()  # set from the relay's own task, on the test's loop
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "publishing to" in record.getMessage():
-            self.count += 1
-            if self.count >= self.target:
-                self.reached.set()
-
-
 async def test_after_a_redis_outage_the_backlog_is_published_within_the_retry_cap(
     engine: AsyncEngine, db_url: URL, tmp_path: Path
 ) -> None:
@@ -109,8 +92,6 @@ async def test_after_a_redis_outage_the_backlog_is_published_within_the_retry_ca
     )  # a long poll interval: only the retry loop (or a NOTIFY, none here) may wake the relay
     broker = RedisBroker(server.url)
     relay = Relay(engine, broker, None, app.settings)
-    failures = _FailureCounter(target=6)
-    logging.getLogger("polyqueue.relay").addHandler(failures)
     stopping = asyncio.Event()
     task: asyncio.Task[None] | None = None
     try:
@@ -121,7 +102,7 @@ async def test_after_a_redis_outage_the_backlog_is_published_within_the_retry_ca
             await enqueue_many(s, [Effect(n=i) for i in range(50)])
         task = asyncio.create_task(relay.run(stopping))
         # the longest the 6 failures may take: each publish attempt plus at most RETRY_CAP after it
-        await asyncio.wait_for(failures.reached.wait(), 6 * (RETRY_CAP + 5.0))
+        await relay.failures.reach(6, timeout=6 * (RETRY_CAP + 5.0))
         assert await _by_status(engine) == {("default", "pending"): 50}
         await server.start()
         loop = asyncio.get_running_loop()
@@ -137,7 +118,6 @@ async def test_after_a_redis_outage_the_backlog_is_published_within_the_retry_ca
         stopping.set()
         if task is not None:
             await task
-        logging.getLogger("polyqueue.relay").removeHandler(failures)
         await broker.close()
         await server.stop()
-    assert failures.count >= 6
+    assert relay.failures.count >= 6
