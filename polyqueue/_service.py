@@ -18,9 +18,15 @@ from typing import Generic, TypeVar
 from polyqueue._aio import wait_any
 from polyqueue.retry import Backoff
 
-__all__ = ["Service", "Signal"]
+__all__ = ["Service", "Signal", "steady"]
 
 T = TypeVar("T")
+
+
+def steady(seconds: float) -> Backoff:
+    """Failed passes retried at the service's own pace, every ``seconds``: for loops whose pass
+    costs a down dependency nothing and must not fall behind (a heartbeat, a lease renewal)."""
+    return Backoff(base=seconds, factor=1.0, maximum=seconds, jitter=False)
 
 
 class Signal:

@@ -25,9 +25,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from polyqueue._service import Service
+from polyqueue._service import Service, steady
 from polyqueue.db import make_engine, mask_url
-from polyqueue.retry import Backoff
 
 __all__ = ["Listener"]
 
@@ -44,7 +43,7 @@ class _Reconnector(Service[bool]):
     rest_first = True  # start() has just connected
 
     def __init__(self, reconnect: Callable[[], Awaitable[bool]], interval: float) -> None:
-        super().__init__(interval=interval, backoff=Backoff(base=interval, factor=1.0, jitter=False), log=log)
+        super().__init__(interval=interval, backoff=steady(interval), log=log)
         self._reconnect = reconnect
 
     async def run_once(self) -> bool:

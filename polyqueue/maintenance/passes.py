@@ -10,29 +10,21 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._service import Service
+from polyqueue._service import Service, steady
 from polyqueue.metrics import GuardedMetrics
 from polyqueue.queries import job_count_live, job_prune, job_redispatch_stale, job_rescue
-from polyqueue.retry import Backoff
 from polyqueue.settings import Settings
 
-__all__ = ["DepthReporter", "MaintenancePass", "Pruner", "Redispatcher", "Rescuer", "maintenance_backoff"]
+__all__ = ["DepthReporter", "MaintenancePass", "Pruner", "Redispatcher", "Rescuer"]
 
 log = logging.getLogger("polyqueue.maintenance")
-
-
-def maintenance_backoff(settings: Settings) -> Backoff:
-    """A failed pass is tried again after ``maintenance_interval``, as a good one is: its queries
-    cost a database that is down nothing, and the leader lease is renewed by the passes."""
-    interval = settings.maintenance_interval
-    return Backoff(base=interval, factor=1.0, maximum=interval, jitter=False)
 
 
 class MaintenancePass(Service[object]):
     """A maintenance pass over the jobs of ``engine``'s database."""
 
     def __init__(self, engine: AsyncEngine, settings: Settings, metrics: GuardedMetrics) -> None:
-        super().__init__(interval=settings.maintenance_interval, backoff=maintenance_backoff(settings), log=log)
+        super().__init__(interval=settings.maintenance_interval, backoff=steady(settings.maintenance_interval), log=log)
         self.engine = engine
         self.settings = settings
         self.metrics = metrics

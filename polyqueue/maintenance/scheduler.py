@@ -26,11 +26,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from polyqueue._service import Service
+from polyqueue._service import Service, steady
 from polyqueue.enqueue import enqueue
 from polyqueue.queries.schedule import schedule_lock_slot, schedule_slot_taken
 from polyqueue.registry import Polyqueue, Schedule
-from polyqueue.retry import Backoff
 
 __all__ = ["CLOCK_SKEW", "Enqueued", "Scheduler", "latest_slot", "slot_key"]
 
@@ -105,7 +104,7 @@ class Scheduler(Service[list[Enqueued]]):
     name = "schedules"
 
     def __init__(self, engine: AsyncEngine, app: Polyqueue, *, interval: float = 1.0) -> None:
-        super().__init__(interval=interval, backoff=Backoff(base=interval), log=log)
+        super().__init__(interval=interval, backoff=steady(interval), log=log)
         self.engine = engine
         self.app = app
         self.settled: dict[str, dt.datetime] = {}

@@ -28,14 +28,13 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from polyqueue._service import Service
+from polyqueue._service import Service, steady
 from polyqueue.maintenance.passes import (
     DepthReporter,
     MaintenancePass,
     Pruner,
     Redispatcher,
     Rescuer,
-    maintenance_backoff,
 )
 from polyqueue.maintenance.scheduler import Scheduler
 from polyqueue.metrics import GuardedMetrics
@@ -81,7 +80,7 @@ class Maintenance(Service[MaintenanceResult]):
         app: Polyqueue | None = None,
     ) -> None:
         """With ``app``, each pass also enqueues the due slots of ``app.schedules``."""
-        super().__init__(interval=settings.maintenance_interval, backoff=maintenance_backoff(settings), log=log)
+        super().__init__(interval=settings.maintenance_interval, backoff=steady(settings.maintenance_interval), log=log)
         self.engine = engine
         self.settings = settings
         self.metrics = metrics or GuardedMetrics(None)

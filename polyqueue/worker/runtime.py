@@ -23,7 +23,7 @@ from functools import partial
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._aio import bounded, wait_any, wait_any_future
-from polyqueue._service import Service
+from polyqueue._service import Service, steady
 from polyqueue.context import JobContext
 from polyqueue.db import while_unreachable
 from polyqueue.listener import Listener
@@ -42,7 +42,6 @@ from polyqueue.queries import (
     worker_stop,
 )
 from polyqueue.registry import Polyqueue
-from polyqueue.retry import Backoff
 from polyqueue.types import JobStatus
 from polyqueue.worker.completer import Completer
 from polyqueue.worker.executor import execute, retry_or_fail
@@ -79,7 +78,7 @@ class Heartbeat(Service[None]):
     rest_first = True  # registering was the first beat
 
     def __init__(self, beat: Callable[[], Awaitable[None]], interval: float) -> None:
-        super().__init__(interval=interval, backoff=Backoff(base=interval, factor=1.0, jitter=False), log=log)
+        super().__init__(interval=interval, backoff=steady(interval), log=log)
         self._beat = beat
 
     async def run_once(self) -> None:
