@@ -11,16 +11,22 @@ from typing import Any
 __all__ = ["bounded", "gather_all", "stop_tasks", "wait_any", "wait_any_future"]
 
 
+#: Tasks :func:`bounded` gave up on, kept referenced until they end (asyncio holds tasks weakly).
+_ABANDONED: set[asyncio.Future[object]] = set()
+
+
 async def bounded(what: str, awaitable: Awaitable[object], log: logging.Logger, seconds: float = 10.0) -> None:
-    """Await a shutdown step for at most ``seconds``, then cancel it and go on; its failure is
-    logged, not raised. A broker SDK stuck on a dead link (or a handler that swallows
-    cancellation) must not keep a stopping process alive, and nothing is lost by moving on:
-    Postgres holds every job."""
+    """Await a step (of a shutdown, of a job's end) for at most ``seconds``, then cancel it and
+    go on; its failure is logged, not raised. A broker SDK stuck on a dead link (or a handler
+    that swallows cancellation) must not hold a process or a job, and nothing is lost by moving
+    on: Postgres holds every job."""
     task = asyncio.ensure_future(awaitable)
     done, _ = await asyncio.wait([task], timeout=seconds)
     if not done:
         task.cancel()
-        log.error("shutdown: %s did not finish within %.0f s; going on without it", what, seconds)
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)
+        log.error("%s did not finish within %.0f s; going on without it", what, seconds)
     elif not task.cancelled() and task.exception() is not None:
         log.warning("shutdown: %s failed: %s", what, task.exception())
 

@@ -130,7 +130,7 @@ class WorkerProcess:
         finally:
             self.stop()
             await stop_tasks(background, log)
-            await bounded("closing the LISTEN connection", self.listener.close(), log)
+            await bounded("shutdown: closing the LISTEN connection", self.listener.close(), log)
             if self._close_broker and self.broker is not None:
                 await self.broker.close()  # bounded by the facade
             for sig in signals:
@@ -304,7 +304,7 @@ async def run_relay(
         finally:
             stopping.set()
             await stop_tasks([ensuring], log)
-            await bounded("closing the LISTEN connection", listener.close(), log)
+            await bounded("shutdown: closing the LISTEN connection", listener.close(), log)
             for sig in signals:
                 loop.remove_signal_handler(sig)
     finally:

@@ -261,13 +261,14 @@ async def test_a_lease_renewal_that_ignores_cancel_does_not_hold_the_job(engine:
     broker SDK kept a succeeded job from completing for minutes (a chaos run on Service Bus)."""
     broker = StubbornLeases()
     source = BrokerSource(engine, BrokerFacade(broker), ["default"], 0.3)
-    claim = Claim(cast(Any, None), Delivery(uuid.uuid4(), "default"))
+    delivery = Delivery(uuid.uuid4(), "default")
+    claim = Claim(cast(Any, None), delivery)
     loop = asyncio.get_running_loop()
     async with source.keepalive(claim):
         await asyncio.wait_for(broker.extending.wait(), 10)
         left = loop.time()
     assert loop.time() - left < KEEPALIVE_STOP_WAIT + 1.0
-    stuck = list(source._abandoned)
-    assert len(stuck) == 1
+    stuck = [t for t in asyncio.all_tasks() if t.get_name() == f"polyqueue-lease-{delivery.job_id}"]
+    assert len(stuck) == 1 and not stuck[0].done()  # abandoned, not awaited
     stuck[0].cancel()  # the second cancel ends it (for the test's leak check)
     await asyncio.gather(*stuck, return_exceptions=True)

@@ -384,20 +384,22 @@ class Worker:
                 claims = [self._running[t] for t in pending if t in self._running]
                 for t in pending:
                     t.cancel()
-                await bounded("cancelling unfinished jobs", asyncio.gather(*pending, return_exceptions=True), log)
+                await bounded(
+                    "shutdown: cancelling unfinished jobs", asyncio.gather(*pending, return_exceptions=True), log
+                )
                 await self._hand_back(claims)
         await self.completer.close()
         for t in [*self._background, *self._checks]:
             t.cancel()
         stopping = asyncio.gather(*self._background, *self._checks, return_exceptions=True)
-        await bounded("stopping background loops", stopping, log)
+        await bounded("shutdown: stopping background loops", stopping, log)
         self._background.clear()
         try:
             async with self.engine.begin() as conn:
                 await worker_stop(conn, self.worker_id)
         except Exception as exc:
             log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
-        await bounded("closing the job source", self.source.close(), log)
+        await bounded("shutdown: closing the job source", self.source.close(), log)
         self.listener.unsubscribe(CANCEL_CHANNEL, self._on_cancel)
         log.info("worker %s stopped after %d jobs", self.worker_id, self.processed)
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from polyqueue._aio import bounded
 from polyqueue._conn import HeldConnection
 from polyqueue.brokers.base import Broker, Delivery
 from polyqueue.errors import BrokerError, LeaseLostError
@@ -136,7 +137,6 @@ class BrokerSource:
         self._ack_wakeup = asyncio.Event()
         self._ack_task: asyncio.Task[None] | None = None
         self._ack_closing = False
-        self._abandoned: set[asyncio.Task[None]] = set()  # lease renewals that would not stop
 
     async def fetch(self, worker_id: uuid.UUID, limit: int, wait: float) -> list[Claim]:
         try:
@@ -225,15 +225,7 @@ class BrokerSource:
             task.cancel()
             # Bounded: a broker SDK call that ignores cancellation (a lock renewal on a dead
             # link) kept a finished job from completing for minutes in a chaos run.
-            done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_STOP_WAIT)
-            if not done:
-                log.warning(
-                    "lease extension of job %s did not stop within %.0f s; going on without it",
-                    delivery.job_id,
-                    KEEPALIVE_STOP_WAIT,
-                )
-                self._abandoned.add(task)
-                task.add_done_callback(self._abandoned.discard)
+            await bounded(f"stopping the lease extension of job {delivery.job_id}", task, log, KEEPALIVE_STOP_WAIT)
 
     async def extend(self, claim: Claim) -> None:
         """Extend the claim's lease by ``lease_seconds`` now (the keepalive loop, a handler's
