@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -179,3 +180,29 @@ async def test_leadership_never_leaves_its_idle_timeout_on_a_pooled_connection(e
     for _ in range(3):  # every connection the pool holds now
         async with engine.connect() as conn:
             assert await conn.scalar(text("SHOW idle_session_timeout")) == "0"
+
+
+async def test_a_failing_service_does_not_keep_the_others_from_their_turn(engine: AsyncEngine) -> None:
+    """The leader's pass runs each service in turn: when one cannot reach its database (here the
+    pruner, pointed at a port where nothing listens), rescue still runs and the failure is raised
+    once all had their turn."""
+    import socket
+
+    from polyqueue.db import make_engine
+    from polyqueue.maintenance.passes import Pruner
+
+    with socket.socket() as probe:  # a free port: connecting to it is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nowhere = make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/nowhere", pool_size=1)
+    job = await _claimed_job(engine, worker_alive=True, heartbeat_age=60)
+    maintenance = Maintenance(engine, app.settings)
+    maintenance.pruner = Pruner(nowhere, app.settings, maintenance.metrics)
+    try:
+        with pytest.raises(OSError):
+            await maintenance.run_once()
+    finally:
+        await nowhere.dispose()
+    assert await scalar(engine, "SELECT status FROM polyqueue_jobs WHERE id = :i", i=job) == "pending"
+    assert (maintenance.rescuer.passes.count, maintenance.pruner.failures.count) == (1, 1)
+    assert maintenance.depth.passes.count == 1  # the service after the failed one had its turn too

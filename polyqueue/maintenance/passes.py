@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -19,8 +20,10 @@ __all__ = ["DepthReporter", "MaintenancePass", "Pruner", "Redispatcher", "Rescue
 
 log = logging.getLogger("polyqueue.maintenance")
 
+T = TypeVar("T")
 
-class MaintenancePass(Service[object]):
+
+class MaintenancePass(Service[T]):
     """A maintenance pass over the jobs of ``engine``'s database."""
 
     def __init__(self, engine: AsyncEngine, settings: Settings, metrics: GuardedMetrics) -> None:
@@ -30,7 +33,7 @@ class MaintenancePass(Service[object]):
         self.metrics = metrics
 
 
-class Rescuer(MaintenancePass):
+class Rescuer(MaintenancePass[list[tuple[str, str]]]):
     """Running jobs of dead workers, and attempts past ``timeout_at`` plus ``timeout_grace``:
     back to ``pending`` or failed by their strategy. Returns ``(job id, new status)`` pairs."""
 
@@ -47,7 +50,7 @@ class Rescuer(MaintenancePass):
         return [(str(i), st) for i, st, _ in rescued]
 
 
-class Redispatcher(MaintenancePass):
+class Redispatcher(MaintenancePass[int]):
     """Jobs ``enqueued`` longer than ``redispatch_after`` (their delivery was lost): back to
     ``pending`` for the relay. Returns how many."""
 
@@ -62,7 +65,7 @@ class Redispatcher(MaintenancePass):
         return count
 
 
-class Pruner(MaintenancePass):
+class Pruner(MaintenancePass[int]):
     """Finished jobs older than ``retention_seconds``: deleted. Returns how many."""
 
     name = "prune"
@@ -72,7 +75,7 @@ class Pruner(MaintenancePass):
             return await job_prune(conn, older_than=self.settings.retention_seconds)
 
 
-class DepthReporter(MaintenancePass):
+class DepthReporter(MaintenancePass[None]):
     """Live jobs per queue and status, to the metrics hook (a pair drained since the last
     sample is reported as 0)."""
 

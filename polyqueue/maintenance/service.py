@@ -25,13 +25,13 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from polyqueue._service import Service, steady
 from polyqueue.maintenance.passes import (
     DepthReporter,
-    MaintenancePass,
     Pruner,
     Redispatcher,
     Rescuer,
@@ -45,6 +45,8 @@ from polyqueue.settings import Settings
 __all__ = ["LEADER_NAME", "Maintenance", "MaintenanceResult", "lease_ttl"]
 
 log = logging.getLogger("polyqueue.maintenance")
+
+T = TypeVar("T")
 
 #: The ``polyqueue_leader`` row of the maintenance leader.
 LEADER_NAME = "maintenance"
@@ -65,6 +67,13 @@ class MaintenanceResult:
     redispatched: int = 0
     pruned: int = 0
     scheduled: list[tuple[str, str]] = field(default_factory=list)  # (schedule name, slot) enqueued
+
+
+class _PassFailed(Exception):
+    """Some services of a leader's pass failed (each logged on its turn): back off as for any failure."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        super().__init__(f"{len(errors)} maintenance services failed: {errors[0]}")
 
 
 class Maintenance(Service[MaintenanceResult]):
@@ -103,34 +112,37 @@ class Maintenance(Service[MaintenanceResult]):
         """One pass of every service, leader or not (tests and ``polyqueue admin`` call it
         directly). A service that fails does not keep the others from their turn; the first
         failure is raised once all had it."""
-        result = MaintenanceResult()
-        errors: list[Exception] = []
-
-        async def turn(service: MaintenancePass | Scheduler) -> object:
-            try:
-                outcome = await service.run_once()
-            except Exception as exc:
-                log.warning("maintenance: %s failed: %s", service.name, exc)
-                service.failures.fire()
-                errors.append(exc)
-                return None
-            service.passes.fire()
-            return outcome
-
-        rescued = await turn(self.rescuer)
-        redispatched = await turn(self.redispatcher)
-        pruned = await turn(self.pruner)
-        await turn(self.depth)
-        result.rescued = rescued if isinstance(rescued, list) else []
-        result.redispatched = redispatched if isinstance(redispatched, int) else 0
-        result.pruned = pruned if isinstance(pruned, int) else 0
-        if self.scheduler is not None and self.scheduler.app.schedules:
-            enqueued = await turn(self.scheduler)
-            if isinstance(enqueued, list):
-                result.scheduled = [(e.schedule, e.slot.isoformat()) for e in enqueued]
+        result, errors = await self._pass()
         if errors:
             raise errors[0]
         return result
+
+    async def _pass(self) -> tuple[MaintenanceResult, list[Exception]]:
+        """Each service's turn, in order; what they did, and what failed (logged already)."""
+        errors: list[Exception] = []
+        result = MaintenanceResult(
+            rescued=await self._turn(self.rescuer, [], errors),
+            redispatched=await self._turn(self.redispatcher, 0, errors),
+            pruned=await self._turn(self.pruner, 0, errors),
+        )
+        await self._turn(self.depth, None, errors)
+        if self.scheduler is not None and self.scheduler.app.schedules:
+            enqueued = await self._turn(self.scheduler, [], errors)
+            result.scheduled = [(e.schedule, e.slot.isoformat()) for e in enqueued]
+        return result, errors
+
+    @staticmethod
+    async def _turn(service: Service[T], default: T, errors: list[Exception]) -> T:
+        """``service.run_once()``, or ``default`` when it fails (logged, kept in ``errors``)."""
+        try:
+            outcome = await service.run_once()
+        except Exception as exc:
+            log.warning("maintenance: %s failed: %s", service.name, exc)
+            service.failures.fire()
+            errors.append(exc)
+            return default
+        service.passes.fire()
+        return outcome
 
     async def _try_lead(self) -> bool:
         """Take or renew the lease; whether this process leads until the next attempt."""
@@ -161,10 +173,16 @@ class Maintenance(Service[MaintenanceResult]):
 
     async def _attempt(self, stop: asyncio.Event) -> MaintenanceResult:
         """Take or renew the lease; lead a pass if it is ours."""
-        return await self.run_once() if await self._try_lead() else MaintenanceResult()
+        if not await self._try_lead():
+            return MaintenanceResult()
+        result, errors = await self._pass()
+        if errors:
+            raise _PassFailed(errors)
+        return result
 
     def _failed(self, exc: Exception, delay: float) -> None:
-        log.warning("maintenance pass failed: %s", exc)
+        if not isinstance(exc, _PassFailed):  # each service's failure was logged on its turn
+            log.warning("maintenance pass failed: %s", exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Every ``maintenance_interval``: if leader (or once leadership is won), run a pass."""
