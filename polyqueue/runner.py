@@ -10,10 +10,11 @@ relay alone. Nothing below this module builds another component.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -70,7 +71,7 @@ class WorkerProcess:
             broker = BrokerFacade(broker, metrics=self.metrics)
         self.broker: Broker | None = broker
         pooled = s.pool_mode == "transaction"
-        self.listener = Listener(engine, direct_url=secret_value(s.listen_database_url), transaction_pooling=pooled)
+        self.listener = _listener(engine, s)
         served = list(queues or s.queues)
         source: JobSource = (
             DirectSource(engine, self.listener, served, s.poll_interval, transaction_pooling=pooled)
@@ -110,31 +111,24 @@ class WorkerProcess:
     async def run(self, *, install_signal_handlers: bool = False, burst: bool = False) -> None:
         """Run until :meth:`stop` (or SIGTERM/SIGINT with ``install_signal_handlers``); with
         ``burst``, until no job of the worker's queues is due and none is running."""
-        loop = asyncio.get_running_loop()
-        signals = _SIGNALS if install_signal_handlers else ()
-        for sig in signals:
-            loop.add_signal_handler(sig, self.stop)
         background: list[asyncio.Task[None]] = []
         try:
-            wait = self._settings.startup_wait
-            await while_unreachable(self.listener.start, wait=wait, what="listening for notifications")
-            if self.broker is not None:
-                ensuring = ensure_queues(self.broker, self.worker.queues, self._stopping)
-                background.append(asyncio.create_task(ensuring, name="polyqueue-ensure"))
-            if self.relay is not None:
-                background.append(asyncio.create_task(self.relay.run(self._stopping), name="polyqueue-relay"))
-            if self.maintenance is not None:
-                running = self.maintenance.run(self._stopping)
-                background.append(asyncio.create_task(running, name="polyqueue-maintenance"))
-            await self.worker.run(burst=burst)
+            async with _listening(self.listener, self._settings, stop=self.stop, on_signals=install_signal_handlers):
+                if self.broker is not None:
+                    background.append(_ensuring(self.broker, self.worker.queues, self._stopping))
+                if self.relay is not None:
+                    background.append(asyncio.create_task(self.relay.run(self._stopping), name="polyqueue-relay"))
+                if self.maintenance is not None:
+                    running = self.maintenance.run(self._stopping)
+                    background.append(asyncio.create_task(running, name="polyqueue-maintenance"))
+                try:
+                    await self.worker.run(burst=burst)
+                finally:
+                    self.stop()
+                    await stop_tasks(background, log)
         finally:
-            self.stop()
-            await stop_tasks(background, log)
-            await bounded("shutdown: closing the LISTEN connection", self.listener.close(), log)
             if self._close_broker and self.broker is not None:
                 await self.broker.close()  # bounded by the facade
-            for sig in signals:
-                loop.remove_signal_handler(sig)
 
 
 async def run_worker(
@@ -189,6 +183,37 @@ async def run_worker(
         if own_engine:
             await _bounded_dispose(engine)
     return process
+
+
+def _listener(engine: AsyncEngine, s: Settings) -> Listener:
+    """The process's LISTEN connection: on ``listen_database_url`` when set (pgbouncer)."""
+    return Listener(
+        engine, direct_url=secret_value(s.listen_database_url), transaction_pooling=s.pool_mode == "transaction"
+    )
+
+
+@contextlib.asynccontextmanager
+async def _listening(
+    listener: Listener, s: Settings, *, stop: Callable[[], None], on_signals: bool
+) -> AsyncIterator[None]:
+    """Within the block, ``listener`` is started (retried while the database is unreachable) and,
+    with ``on_signals``, SIGTERM/SIGINT call ``stop``; on the way out both are undone, bounded."""
+    loop = asyncio.get_running_loop()
+    signals = _SIGNALS if on_signals else ()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop)
+    try:
+        await while_unreachable(listener.start, wait=s.startup_wait, what="listening for notifications")
+        yield
+    finally:
+        await bounded("shutdown: closing the LISTEN connection", listener.close(), log)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def _ensuring(broker: Broker, queues: Sequence[str], stopping: asyncio.Event) -> asyncio.Task[None]:
+    """The broker's queues created in the background, retried while the broker is down."""
+    return asyncio.create_task(ensure_queues(broker, queues, stopping), name="polyqueue-ensure")
 
 
 def _check_queues(queues: Sequence[str]) -> None:
@@ -289,24 +314,15 @@ async def run_relay(
         if broker is None:
             raise ConfigurationError("queue_backend 'direct' needs no relay: workers claim from the table directly")
         stopping = stopping or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = _SIGNALS if install_signal_handlers else ()
-        for sig in signals:
-            loop.add_signal_handler(sig, stopping.set)
-        listener = Listener(
-            engine, direct_url=secret_value(s.listen_database_url), transaction_pooling=s.pool_mode == "transaction"
-        )
+        listener = _listener(engine, s)
         relay = Relay(engine, broker, listener, s, guarded)
-        ensuring = asyncio.create_task(ensure_queues(broker, s.queues, stopping), name="polyqueue-ensure")
+        ensuring = _ensuring(broker, s.queues, stopping)
         try:
-            await while_unreachable(listener.start, wait=s.startup_wait, what="listening for notifications")
-            await relay.run(stopping)
+            async with _listening(listener, s, stop=stopping.set, on_signals=install_signal_handlers):
+                await relay.run(stopping)
         finally:
             stopping.set()
             await stop_tasks([ensuring], log)
-            await bounded("shutdown: closing the LISTEN connection", listener.close(), log)
-            for sig in signals:
-                loop.remove_signal_handler(sig)
     finally:
         if broker is not None:
             await broker.close()
