@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import subprocess
 import sys
@@ -65,11 +66,14 @@ async def running_worker(
         await asyncio.wait_for(task, 30)
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], *, timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+async def wait_until(
+    check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 20.0, what: str = "condition"
+) -> None:
+    """Poll ``check`` (a coroutine function, or a plain one for a condition in memory) until it
+    is true; fail after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not await check():
+    while not await _holds(check()):
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
@@ -82,12 +86,12 @@ async def heard_everything(engine: AsyncEngine, channel: str, heard: list[str]) 
     marker = f"marker-{uuid.uuid4()}"
     async with engine.begin() as conn:
         await conn.execute(text("SELECT pg_notify(:c, :m)"), {"c": channel, "m": marker})
-    await wait_until(lambda: _true(marker in heard), timeout=10, what=f"the marker NOTIFY on {channel}")
+    await wait_until(lambda: marker in heard, timeout=10, what=f"the marker NOTIFY on {channel}")
     heard.remove(marker)
 
 
-async def _true(value: bool) -> bool:
-    return value
+async def _holds(result: Awaitable[bool] | bool) -> bool:
+    return await result if inspect.isawaitable(result) else result
 
 
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:

@@ -125,7 +125,7 @@ async def test_requeue_failed_and_cancelled_with_and_without_reset(engine: Async
         assert [(x.id, x.old_status, x.new_status) for x in changed] == [(a, "failed", "pending")]
         changed = await admin.requeue(engine, status="cancelled")
         assert [(x.id, x.old_status) for x in changed] == [(c, "cancelled")]
-        await wait_until(lambda: _true("default" in heard), what="NOTIFY polyqueue_new")
+        await wait_until(lambda: "default" in heard, what="NOTIFY polyqueue_new")
     finally:
         await listener.close()
     attempts = dict(await rows(engine, "SELECT id, attempt FROM polyqueue_jobs"))
@@ -134,10 +134,6 @@ async def test_requeue_failed_and_cancelled_with_and_without_reset(engine: Async
         await wait_until(lambda: _all(engine, {a: "succeeded", c: "succeeded", b: "failed"}), what="requeued to run")
     # c was at attempt 2 of 2 and was requeued without reset: it got one more attempt (3)
     assert dict(await rows(engine, "SELECT id, attempt FROM polyqueue_jobs")) == {a: 1, b: 2, c: 3}
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _all(engine: AsyncEngine, want: dict[uuid.UUID, str]) -> bool:
@@ -185,10 +181,10 @@ async def test_cancel_and_fail_running_jobs_in_process(engine: AsyncEngine) -> N
             assert (changed.old_status, changed.new_status) == ("running", "cancelled")
             [changed] = await admin.fail(engine, [slow2], reason="stuck")
             assert (changed.old_status, changed.new_status) == ("running", "failed")
-            await wait_until(lambda: _true(not worker.worker.running), what="the worker to stop both handlers")
+            await wait_until(lambda: not worker.worker.running, what="the worker to stop both handlers")
             [quick] = await _jobs(engine, Sleep(tag="next"))
             await wait_until(lambda: _is(engine, quick, "succeeded"), what="the next job")
-        await wait_until(lambda: _true(str(slow2) in ",".join(dones)), what="done notifications")
+        await wait_until(lambda: str(slow2) in ",".join(dones), what="done notifications")
     finally:
         await listener.close()
     assert str(slow1) in ",".join(cancels) and str(slow2) in ",".join(cancels)

@@ -376,7 +376,7 @@ async def test_a_blocked_event_loop_is_logged_with_its_job_and_counted(
     job_id = await _enqueue(engine, Nap(seconds=1.5), task="blocking_nap")
     async with running_worker(watched, engine, metrics=recorder):
         await wait_until(lambda: _is(engine, job_id, "succeeded"), what="the blocking job to finish")
-        await wait_until(_async(lambda: bool(recorder.blocked)), what="the block to be reported")
+        await wait_until(lambda: bool(recorder.blocked), what="the block to be reported")
     assert max(recorder.blocked) >= 1.0
     during = [r.getMessage() for r in caplog.records if "has been blocked" in r.getMessage()]
     assert during and f"polyqueue-job-{job_id}" in during[0] and "time.sleep" in during[0]
@@ -427,13 +427,6 @@ def test_a_stopped_process_is_not_reported_as_a_blocked_loop(fault: str) -> None
     else:
         assert "COUNTED" not in out and "blocked" not in err, err
         assert "did not run for" in err
-
-
-def _async(check: Any) -> Any:
-    async def wrapped() -> bool:
-        return bool(check())
-
-    return wrapped
 
 
 def test_worker_label_names_host_and_pid(engine: AsyncEngine) -> None:
